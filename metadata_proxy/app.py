@@ -1,0 +1,382 @@
+"""The guest-facing ASGI app: one function walks a request through identity, the checks,
+a local endpoint or the forward, and the log line.
+
+Raw ASGI rather than a framework on this path: it is the hot path, and the routing is a
+prefix match (bench/ has the numbers). Read `ProxyApp.handle` top to bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from . import guards, upstream
+from .config import Config, ListenAddress, Route
+from .forward import BodyTooLarge, GuestDisconnected, RequestBody, refusal_for, response_headers, upstream_headers
+from .guards import Refusal
+from .limits import Limiter
+from .logs import AccessLog
+from .metrics import Metrics
+from .registry import VM, Registry, RegistryUnavailable
+from .sessions import SessionTokens
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("metadata_proxy")
+
+REGISTRY_UNAVAILABLE = Refusal(503, "registry_unavailable", "The VM registry cannot be read; try again shortly.")
+TOKEN_EXPIRED = Refusal(503, "token_expired", "This VM's runtime token has expired; the control plane must renew it.")
+# Bytes of an oversized body read and thrown away before answering 413, so the guest
+# reads the answer instead of a reset.
+DRAIN_AFTER_REFUSAL = 1024 * 1024
+REGISTRY_WATCH_INTERVAL = 0.25
+STREAM_SMALL_BODY = 64 * 1024
+
+
+class Exchange:
+    """One guest request in flight: what the log line and the metrics need."""
+
+    __slots__ = (
+        "scope",
+        "receive",
+        "send",
+        "request_id",
+        "peer",
+        "vm",
+        "route",
+        "status",
+        "code",
+        "upstream_status",
+        "cache",
+        "started",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.request_id = secrets.token_hex(8)
+        client = scope.get("client")
+        self.peer: str = client[0] if client else ""
+        self.vm: VM | None = None
+        self.route = ""
+        self.status = 0
+        self.code: str | None = None
+        self.upstream_status: int | None = None
+        self.cache: str | None = None
+        self.started = time.perf_counter()
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        headers.append((b"x-request-id", self.request_id.encode()))
+        headers.append((b"content-length", b"%d" % len(body)))
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+        self.status = status
+
+    async def refuse(self, refusal: Refusal, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self.code = refusal.code
+        body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+        headers = [(b"content-type", b"application/json"), *refusal.headers, *extra]
+        await self.respond(refusal.status, headers, body)
+
+
+class ProxyApp:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: Registry,
+        client: upstream.Upstream,
+        sessions: SessionTokens | None = None,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+        extra_listen: Iterable[ListenAddress] = (),
+        close_connections: Callable[[set[str]], int] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.sessions = sessions or SessionTokens()
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_registry(lambda: self.registry.vms, lambda: self.registry.error is None)
+        self.access_log = access_log or AccessLog()
+        self.close_connections = close_connections
+        self._extra_listen = tuple(extra_listen)
+        self._generation = registry.generation
+        self._watcher: asyncio.Task[None] | None = None
+        self.limiter = Limiter(config.limits)
+        self.configure(config, client)
+
+    def configure(self, config: Config, client: upstream.Upstream) -> None:
+        """Apply a (re)loaded config to every request that begins from now on."""
+        self.config = config
+        self.client = client
+        self.routes: tuple[Route, ...] = config.routes
+        self.hosts = guards.allowed_hosts((*config.listen, *self._extra_listen), config.host_aliases)
+        self.limiter.limits = config.limits
+
+    # -- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            exchange = Exchange(scope, receive, send)
+            self.metrics.in_flight.inc()
+            try:
+                await self.handle(exchange)
+            finally:
+                self.metrics.in_flight.dec()
+                self.record(exchange)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def handle(self, ex: Exchange) -> None:
+        """Every check of SPEC section 3, in its order, then the local answer or the forward."""
+        headers: list[tuple[bytes, bytes]] = ex.scope["headers"]
+        raw_path: bytes = ex.scope.get("raw_path") or ex.scope["path"].encode()
+
+        # 1. Identity: the connection's peer address, never anything the guest wrote.
+        try:
+            vm = self.lookup(ex.peer)
+        except RegistryUnavailable:
+            return await ex.refuse(REGISTRY_UNAVAILABLE)
+        if vm is None:
+            return await ex.refuse(guards.UNKNOWN_VM)
+        ex.vm = vm
+
+        # 2. The Host header names us (DNS rebinding); 3. no proxy inside the guest relayed
+        # this (SSRF); 4. bounded headers, sane framing, a clean path under a known prefix.
+        refusal = (
+            guards.check_host(guards.single_header(headers, b"host"), self.hosts)
+            or guards.check_headers(headers)
+            or guards.check_path(raw_path)
+        )
+        if refusal:
+            return await ex.refuse(refusal)
+        local_method = guards.LOCAL_ENDPOINTS.get(raw_path)
+        route = None if local_method else guards.match_route(raw_path, self.routes)
+        if local_method is None and route is None:
+            return await ex.refuse(guards.NOT_FOUND)
+        ex.route = route.prefix if route else raw_path.decode()
+        if local_method and ex.scope["method"] != local_method:
+            return await ex.refuse(guards.method_not_allowed(local_method))
+
+        # 5. The route's guard (local endpoints: "header").
+        guard = route.guard if route else "header"
+        if guard == "header":
+            refusal = guards.check_metadata_header(headers)
+        elif guard == "session":
+            token = guards.single_header(headers, b"x-metadata-token")
+            refusal = None if self.sessions.valid(token, vm.name, vm.vm_id) else guards.INVALID_SESSION
+        if refusal:
+            return await ex.refuse(refusal)
+
+        # 6. Per-VM rate and concurrency limits.
+        retry_after = self.limiter.acquire(vm.name)
+        if retry_after is not None:
+            return await ex.refuse(guards.rate_limited(retry_after))
+        try:
+            # 7. A declared body over the limit is refused before anything is read.
+            length = guards.declared_length(headers)
+            if length is not None and length > self.config.limits.max_body_bytes:
+                return await self.refuse_body(ex, RequestBody(ex.receive, self.config.limits.max_body_bytes))
+            if local_method:
+                return await self.local(ex, raw_path)
+            assert route is not None
+            return await self.forward(ex, raw_path, length)
+        finally:
+            self.limiter.release(vm.name)
+
+    # -- the registry -------------------------------------------------------------------
+
+    def lookup(self, address: str) -> VM | None:
+        before = self.registry.by_address()
+        try:
+            vm = self.registry.lookup(address)
+        finally:
+            if self.registry.generation != self._generation:
+                self._generation = self.registry.generation
+                self.registry_changed(before)
+        return vm
+
+    def registry_changed(self, before: Mapping[str, VM]) -> None:
+        """Close the connections of addresses whose VM went away or changed hands."""
+        self.metrics.registry_reloads.inc()
+        now = self.registry.by_address()
+        gone = {
+            address
+            for address, vm in before.items()
+            if (current := now.get(address)) is None or (current.name, current.vm_id) != (vm.name, vm.vm_id)
+        }
+        if gone and self.close_connections is not None:
+            closed = self.close_connections(gone)
+            if closed:
+                log.info("closed %d connection(s) from %d address(es) no longer registered", closed, len(gone))
+
+    async def watch_registry(self) -> None:
+        """Notice changes and damage without traffic: /readyz, metrics, idle connections."""
+        while True:
+            await asyncio.sleep(REGISTRY_WATCH_INTERVAL)
+            error = self.registry.error
+            try:
+                self.lookup("")
+            except RegistryUnavailable:
+                if error is None:
+                    log.error("registry unavailable: %s", self.registry.error)
+            else:
+                if error is not None:
+                    log.info("registry readable again")
+
+    # -- local endpoints ----------------------------------------------------------------
+
+    async def local(self, ex: Exchange, raw_path: bytes) -> None:
+        vm = ex.vm
+        assert vm is not None
+        if raw_path == guards.LOCAL_INSTANCE:
+            body = json.dumps({"vm_id": vm.vm_id, "name": vm.name, "host_id": self.config.host_id}).encode()
+            return await ex.respond(200, [(b"content-type", b"application/json")], body)
+        headers: list[tuple[bytes, bytes]] = ex.scope["headers"]
+        ttl = guards.parse_ttl(guards.single_header(headers, b"x-metadata-token-ttl-seconds"))
+        if ttl is None:
+            return await ex.refuse(guards.INVALID_TTL)
+        token = self.sessions.issue(vm.name, vm.vm_id, ttl)
+        await ex.respond(
+            200,
+            [(b"content-type", b"text/plain"), (b"x-metadata-token-ttl-seconds", b"%d" % ttl)],
+            token.encode(),
+        )
+
+    # -- forwarding ---------------------------------------------------------------------
+
+    async def forward(self, ex: Exchange, raw_path: bytes, length: int | None) -> None:
+        vm = ex.vm
+        assert vm is not None
+        if vm.token_exp is not None and vm.token_exp <= time.time():
+            return await ex.refuse(TOKEN_EXPIRED)
+        scope = ex.scope
+        method: str = scope["method"]
+        query: bytes = scope.get("query_string", b"")
+        target = raw_path + b"?" + query if query else raw_path
+        # Where the runtime token gets attached.
+        headers = upstream_headers(
+            scope["headers"], token=vm.token, peer=ex.peer, host_id=self.config.host_id, request_id=ex.request_id
+        )
+
+        body: bytes | Any = None
+        reader = RequestBody(ex.receive, self.config.limits.max_body_bytes)
+        if method not in ("GET", "HEAD"):
+            try:
+                body = await reader.prefetch()
+            except BodyTooLarge:
+                return await self.refuse_body(ex, reader)
+            except GuestDisconnected:
+                ex.status = 499
+                return
+            if body is None:
+                body = reader.chunks()
+
+        client = self.client
+        started = time.perf_counter()
+        try:
+            response = await client.request(
+                method,
+                target,
+                headers,
+                body,
+                content_length=length if not isinstance(body, bytes | None) else None,
+                idempotent=method in ("GET", "HEAD"),
+            )
+        except BodyTooLarge:
+            return await self.refuse_body(ex, reader)
+        except GuestDisconnected:
+            ex.status = 499
+            return
+        except upstream.UpstreamError as exc:
+            refusal = refusal_for(exc)
+            self.metrics.upstream_errors.labels(refusal.code).inc()
+            log.warning("upstream %s for %s (request %s): %s", refusal.code, vm.name, ex.request_id, exc)
+            return await ex.refuse(refusal)
+        self.metrics.upstream_seconds.observe(time.perf_counter() - started)
+
+        try:
+            ex.upstream_status = response.status
+            out = response_headers(response.headers, ex.request_id.encode())
+            ex.status = response.status
+            small = _content_length(out)
+            if method == "HEAD" or (small is not None and small <= STREAM_SMALL_BODY):
+                data = b"" if method == "HEAD" else await response.read()
+                await ex.send({"type": "http.response.start", "status": response.status, "headers": out})
+                await ex.send({"type": "http.response.body", "body": data})
+                return
+            await ex.send({"type": "http.response.start", "status": response.status, "headers": out})
+            async for chunk in response.iter_body():
+                await ex.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await ex.send({"type": "http.response.body", "body": b""})
+        except upstream.UpstreamError as exc:
+            # The answer had started: the guest sees a truncated response and a closed connection.
+            log.warning("upstream failed mid-response for %s (request %s): %s", vm.name, ex.request_id, exc)
+            ex.code = refusal_for(exc).code
+        finally:
+            await response.aclose()
+
+    async def refuse_body(self, ex: Exchange, reader: RequestBody) -> None:
+        """413, after reading a bounded amount more so the guest reads the answer.
+
+        A guest waiting for `100 Continue` has sent nothing yet: answer at once and close.
+        """
+        expect = guards.single_header(ex.scope["headers"], b"expect")
+        ended = False if expect and expect.lower() == b"100-continue" else await reader.drain(DRAIN_AFTER_REFUSAL)
+        await ex.refuse(guards.BODY_TOO_LARGE, () if ended else ((b"connection", b"close"),))
+
+    # -- the log line and metrics -------------------------------------------------------
+
+    def record(self, ex: Exchange) -> None:
+        vm = ex.vm
+        duration_ms = round((time.perf_counter() - ex.started) * 1000, 3)
+        name = vm.name if vm else None
+        self.metrics.requests.labels(name or "", ex.route, str(ex.status)).inc()
+        if ex.code:
+            self.metrics.refusals.labels(ex.code).inc()
+        raw_path = ex.scope.get("raw_path") or b""
+        self.access_log.write(
+            {
+                "request_id": ex.request_id,
+                "peer": ex.peer,
+                "vm": name,
+                "vm_id": vm.vm_id if vm else None,
+                "method": ex.scope.get("method"),
+                "path": raw_path.decode("latin-1"),
+                "route": ex.route or None,
+                "status": ex.status,
+                "code": ex.code,
+                "duration_ms": duration_ms,
+                "upstream_status": ex.upstream_status,
+                "cache": ex.cache,
+            }
+        )
+
+    # -- lifespan -----------------------------------------------------------------------
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._watcher = asyncio.create_task(self.watch_registry())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self._watcher is not None:
+                    self._watcher.cancel()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None

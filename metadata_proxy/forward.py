@@ -1,0 +1,183 @@
+"""Forwarding a guest request upstream: the header policy both ways, the request body,
+and the one table that maps upstream failures to what the guest is told.
+
+Where the runtime token gets attached: `upstream_headers()`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from . import upstream
+from .config import ControlPlane
+from .guards import Refusal
+
+Headers = Sequence[tuple[bytes, bytes]]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Never sent upstream: ours to set (host, authorization, the framing, x-request-id), the
+# guest's own credentials (cookie), and the proxy's session headers.
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"cookie",
+    b"content-length",
+    b"expect",
+    b"x-request-id",
+    b"x-metadata-token",
+    b"x-metadata-token-ttl-seconds",
+}
+_RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
+
+# Upstream failure -> what the guest gets. A subclass maps like its base unless listed.
+UPSTREAM_FAILURES: dict[type[upstream.UpstreamError], Refusal] = {
+    upstream.TLSError: Refusal(502, "upstream_tls_error", "TLS to the control plane failed."),
+    upstream.UpstreamTimeout: Refusal(504, "upstream_timeout", "The control plane did not answer in time."),
+    upstream.ConnectError: Refusal(502, "upstream_unavailable", "The control plane could not be reached."),
+    upstream.ConnectionLost: Refusal(502, "upstream_unavailable", "The control plane closed the connection."),
+    upstream.ProtocolError: Refusal(502, "upstream_unavailable", "The control plane sent an invalid answer."),
+    upstream.UpstreamError: Refusal(502, "upstream_unavailable", "The control plane could not be reached."),
+}
+
+
+def refusal_for(exc: upstream.UpstreamError) -> Refusal:
+    for kind in type(exc).__mro__:
+        refusal = UPSTREAM_FAILURES.get(kind)  # type: ignore[call-overload]
+        if refusal is not None:
+            return refusal
+    return UPSTREAM_FAILURES[upstream.UpstreamError]
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """Header names a `Connection` header marks as hop-by-hop for this message."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return named
+
+
+def upstream_headers(
+    guest: Headers, *, token: str, peer: str, host_id: str, request_id: str
+) -> list[tuple[bytes, bytes]]:
+    """The headers sent to the control plane: the guest's, filtered, plus ours."""
+    also_drop = _connection_tokens(guest)
+    headers = [
+        (name, value)
+        for name, value in guest
+        if name not in _REQUEST_DROP and not name.startswith(b"proxy-") and name not in also_drop
+    ]
+    headers += [
+        (b"authorization", b"Bearer " + token.encode("ascii")),
+        (b"x-forwarded-for", peer.encode("ascii")),
+        (b"x-metadata-proxy-host", host_id.encode()),
+        (b"x-request-id", request_id.encode("ascii")),
+    ]
+    return headers
+
+
+def response_headers(received: Headers, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers returned to the guest: upstream's, filtered, plus X-Request-Id."""
+    also_drop = _connection_tokens(received)
+    headers = []
+    for name, value in received:
+        lower = name.lower()
+        if lower not in _RESPONSE_DROP and lower not in also_drop:
+            headers.append((lower, value))
+    headers.append((b"x-request-id", request_id))
+    return headers
+
+
+class BodyTooLarge(Exception):
+    """The guest's body went past max_body_bytes while it was being read."""
+
+
+class GuestDisconnected(Exception):
+    """The guest went away while its body was being read."""
+
+
+class RequestBody:
+    """Reads the guest's body from ASGI `receive`, counting it against a limit.
+
+    `prefetch()` buffers up to a small bound so that most bodies are sent upstream as one
+    `bytes` (retryable, one write) and an oversized chunked body is refused before the
+    control plane sees anything; larger bodies stream through `chunks()`.
+    """
+
+    PREFETCH = 1024 * 1024
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._buffer: list[bytes] = []
+        self.received = 0
+        self.complete = False
+
+    async def _next(self) -> bytes:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise GuestDisconnected
+        chunk: bytes = message.get("body", b"")
+        self.received += len(chunk)
+        if self.received > self._limit:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            self.complete = True
+        return chunk
+
+    async def prefetch(self) -> bytes | None:
+        """The whole body if it fits in the prefetch bound, else None (use chunks())."""
+        while not self.complete and self.received <= self.PREFETCH:
+            self._buffer.append(await self._next())
+        if self.complete:
+            body = b"".join(self._buffer)
+            self._buffer.clear()
+            return body
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._buffer:
+            yield chunk
+        self._buffer.clear()
+        while not self.complete:
+            chunk = await self._next()
+            if chunk:
+                yield chunk
+
+    async def drain(self, most: int) -> bool:
+        """Read and discard up to `most` bytes more; True when the body ended."""
+        self._buffer.clear()
+        limit, self._limit = self._limit, self.received + most
+        try:
+            while not self.complete:
+                await self._next()
+        except (BodyTooLarge, GuestDisconnected):
+            return False
+        finally:
+            self._limit = limit
+        return True
+
+
+def build_client(config: ControlPlane) -> upstream.Upstream:
+    """The long-lived upstream client for `config`: TLS always verified, optional mTLS."""
+    context: ssl.SSLContext | None = None
+    if config.url.startswith("https://"):
+        context = ssl.create_default_context(cafile=config.ca_file or None)
+        if config.client_cert:
+            context.load_cert_chain(config.client_cert, config.client_key)
+    return upstream.Upstream(config.url, timeout=config.timeout, retry_budget=config.retry_budget, ssl_context=context)

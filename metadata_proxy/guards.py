@@ -1,0 +1,194 @@
+"""The checks of SPEC section 3, each a small pure function returning a Refusal or None.
+
+`app.ProxyApp.handle` calls them in the order the SPEC gives; this module only knows how
+to tell a good request from a bad one. Header names arrive lowercased (ASGI).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from .config import ListenAddress, Route
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+MAX_HEADER_BYTES = 32 * 1024
+FORWARDED_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+LOCAL_INSTANCE = b"/metadata/v1/instance"
+LOCAL_TOKEN = b"/metadata/v1/token"
+LOCAL_ENDPOINTS = {LOCAL_INSTANCE: "GET", LOCAL_TOKEN: "PUT"}
+# Percent-decoding rounds before a path counts as deliberately obfuscated.
+_MAX_DECODES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A guest-facing error: status, the stable code and one sentence."""
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+UNKNOWN_VM = Refusal(403, "unknown_vm", "This address is not registered as a VM on this host.")
+BAD_HOST = Refusal(403, "bad_host", "The Host header does not name the metadata service.")
+FORWARDED = Refusal(400, "forwarded_request", "Requests relayed through a proxy are refused.")
+HEADERS_TOO_LARGE = Refusal(431, "headers_too_large", "The request headers exceed 32 KiB.")
+BAD_FRAMING = Refusal(400, "bad_request", "The request has conflicting or repeated length headers.")
+BAD_PATH = Refusal(400, "bad_path", "The request path is not allowed.")
+NOT_FOUND = Refusal(404, "not_found", "No metadata endpoint or route has this path.")
+MISSING_METADATA = Refusal(400, "missing_metadata_header", "The request needs the header 'Metadata: true'.")
+INVALID_SESSION = Refusal(401, "invalid_session_token", "A valid X-Metadata-Token header is required.")
+INVALID_TTL = Refusal(400, "invalid_ttl", "X-Metadata-Token-TTL-Seconds must be an integer from 1 to 21600.")
+BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
+
+
+def method_not_allowed(allowed: str) -> Refusal:
+    return Refusal(405, "method_not_allowed", f"This endpoint accepts {allowed} only.", ((b"allow", allowed.encode()),))
+
+
+def rate_limited(retry_after: int) -> Refusal:
+    return Refusal(
+        429, "rate_limited", "Too many requests from this VM; retry later.", ((b"retry-after", b"%d" % retry_after),)
+    )
+
+
+# -- 2. Host --------------------------------------------------------------------------------
+
+
+def allowed_hosts(listen: Iterable[ListenAddress], aliases: Iterable[str]) -> frozenset[str]:
+    """Every Host value accepted: each listen address with and without its port, each alias."""
+    allowed: set[str] = set()
+    for entry in listen:
+        bare = f"[{entry.host}]" if ":" in entry.host else entry.host
+        allowed.update((bare, f"{bare}:{entry.port}"))
+    allowed.update(alias.lower() for alias in aliases)
+    return frozenset(allowed)
+
+
+def check_host(host: bytes | None, allowed: frozenset[str]) -> Refusal | None:
+    """DNS-rebinding defence: the Host header must name the metadata service itself."""
+    if host is None:
+        return BAD_HOST
+    text = host.decode("latin-1").lower()
+    if text in allowed or _canonical_host(text) in allowed:
+        return None
+    return BAD_HOST
+
+
+def _canonical_host(text: str) -> str | None:
+    """ "[FD00:a9fe:0::254]:80" -> "[fd00:a9fe::254]:80"; None when not an IP literal."""
+    if text.startswith("["):
+        literal, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] if rest else None
+    else:
+        literal, colon, port_text = text.partition(":")
+        port = port_text if colon else None
+    try:
+        addr = ipaddress.ip_address(literal)
+    except ValueError:
+        return None
+    if addr.version == 6 and not text.startswith("["):
+        return None
+    bare = f"[{addr}]" if addr.version == 6 else str(addr)
+    return bare if port is None else f"{bare}:{port}"
+
+
+# -- 3 and 4. Headers -----------------------------------------------------------------------
+
+
+def check_headers(headers: Headers) -> Refusal | None:
+    """Forwarded-request signature, total header size and request framing."""
+    size = 0
+    lengths = 0
+    chunked = False
+    for name, value in headers:
+        if name in FORWARDED_HEADERS:
+            return FORWARDED
+        size += len(name) + len(value) + 4
+        if name == b"content-length":
+            lengths += 1
+        elif name == b"transfer-encoding":
+            chunked = True
+    if size > MAX_HEADER_BYTES:
+        return HEADERS_TOO_LARGE
+    if lengths > 1 or (lengths and chunked):
+        return BAD_FRAMING  # a request-smuggling shape; the server's parser may not catch all of them
+    return None
+
+
+# -- 4. Path --------------------------------------------------------------------------------
+
+
+def check_path(raw_path: bytes) -> Refusal | None:
+    """Refuse dot segments, encoded slashes, control characters and invalid UTF-8.
+
+    Each is checked on the path as sent and after each round of percent-decoding, so
+    ``%2e%2e``, ``%252e%252e`` and ``%2F`` cannot climb out of a route prefix.
+    """
+    current = raw_path
+    for _ in range(_MAX_DECODES + 1):
+        try:
+            text = current.decode("utf-8")
+        except UnicodeDecodeError:
+            return BAD_PATH
+        if not text.startswith("/") or "\\" in text or any(c < " " or c == "\x7f" for c in text):
+            return BAD_PATH
+        if any(segment in (".", "..") for segment in text.split("/")):
+            return BAD_PATH
+        if "%" not in text:
+            return None
+        decoded = unquote_to_bytes(text)
+        if decoded == current:
+            return None  # a lone '%' that decodes to nothing else
+        if decoded.count(b"/") != current.count(b"/"):
+            return BAD_PATH  # an encoded slash
+        current = decoded
+    return BAD_PATH
+
+
+def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
+    """The configured route with the longest prefix of `raw_path`."""
+    best: Route | None = None
+    for route in routes:
+        if raw_path.startswith(route.prefix.encode()) and (best is None or len(route.prefix) > len(best.prefix)):
+            best = route
+    return best
+
+
+# -- 5. Guards ------------------------------------------------------------------------------
+
+
+def single_header(headers: Headers, wanted: bytes) -> bytes | None:
+    """The value of header `wanted` if it appears exactly once, else None."""
+    found: bytes | None = None
+    for name, value in headers:
+        if name == wanted:
+            if found is not None:
+                return None
+            found = value
+    return found
+
+
+def check_metadata_header(headers: Headers) -> Refusal | None:
+    value = single_header(headers, b"metadata")
+    return None if value is not None and value.strip().lower() == b"true" else MISSING_METADATA
+
+
+def parse_ttl(value: bytes | None) -> int | None:
+    """X-Metadata-Token-TTL-Seconds: a plain integer 1..21600, else None."""
+    if value is None or not value.isdigit() or len(value) > 6:
+        return None
+    ttl = int(value)
+    return ttl if 1 <= ttl <= 21600 else None
+
+
+def declared_length(headers: Headers) -> int | None:
+    value = single_header(headers, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None

@@ -1,0 +1,249 @@
+"""The service's lifecycle: sockets (bound or passed by systemd), two uvicorn servers (guest
+and admin) on one event loop, sd_notify, SIGHUP reload and SIGTERM drain.
+
+Signal handlers only record what was asked; `ProxyServer.run` acts on it in order. We
+drive uvicorn's `startup`/`main_loop`/`shutdown` ourselves instead of `serve()` because
+`serve()` owns SIGTERM/SIGINT and re-raises them before our own shutdown steps could run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+import uvicorn
+
+from . import systemd
+from .admin import UpstreamProbe, create_admin_app
+from .app import ProxyApp
+from .config import Config, ConfigError, ListenAddress, check_input_files, load_config
+from .forward import build_client
+from .logs import AccessLog
+from .registry import Registry
+from .sessions import SessionTokens
+
+log = logging.getLogger("metadata_proxy")
+
+# In-flight requests get this long to finish on SIGTERM; the unit's TimeoutStopSec is 30.
+DRAIN_SECONDS = 20.0
+# Idle keep-alive connections from guests are closed after this long.
+KEEP_ALIVE_SECONDS = 5
+# An old upstream client is closed this long after a reload replaced it, so the requests
+# still using it finish first.
+OLD_CLIENT_GRACE = DRAIN_SECONDS
+
+
+def bind_listen(entry: ListenAddress) -> socket.socket:
+    family = socket.AF_INET6 if ":" in entry.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        sock.bind((entry.host, entry.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {entry}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_admin(address: str) -> socket.socket:
+    if address.startswith("/"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)  # a stale socket from an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        os.chmod(address, 0o660)
+    else:
+        host, _, port = address.rpartition(":")
+        sock = bind_listen(ListenAddress(host.strip("[]"), int(port)))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
+    """A passed socket's address, so the Host check accepts it too."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    host, port = sock.getsockname()[:2]
+    return ListenAddress(str(ipaddress.ip_address(host.split("%")[0])), port)
+
+
+def _uvicorn_config(app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        proxy_headers=False,  # identity is the socket peer, never a header
+        server_header=False,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_graceful_shutdown=int(DRAIN_SECONDS),
+    )
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None,
+        guest_sockets: list[socket.socket],
+        admin_socket: socket.socket,
+        notifier: systemd.Notifier,
+        sessions: SessionTokens | None = None,
+        access_log: AccessLog | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.guest_sockets = guest_sockets
+        self.admin_socket = admin_socket
+        self.notifier = notifier
+        self.sessions = sessions
+        self.access_log = access_log
+        self.on_ready = on_ready
+        self._wake = asyncio.Event()
+        self._stop = False
+        self._reload = False
+
+    # Signal handlers: record the wish, wake the main loop, nothing else.
+    def request_stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+        extra = [address for sock in self.guest_sockets if (address := socket_listen_address(sock))]
+        self.app = ProxyApp(
+            self.config,
+            registry=Registry(self.config.registry),
+            client=build_client(self.config.control_plane),
+            sessions=self.sessions,
+            access_log=self.access_log,
+            extra_listen=extra,
+            close_connections=self.close_connections,
+        )
+        self.probe = UpstreamProbe(self.app)
+        self.guest = uvicorn.Server(_uvicorn_config(self.app))
+        admin_config = _uvicorn_config(create_admin_app(self.app, self.probe))
+        admin_config.lifespan = "off"
+        self.admin = uvicorn.Server(admin_config)
+
+        for server in (self.guest, self.admin):
+            server.config.load()
+            server.lifespan = server.config.lifespan_class(server.config)
+        await self.guest.startup(sockets=self.guest_sockets)
+        await self.admin.startup(sockets=[self.admin_socket])
+        ticker = asyncio.create_task(self.guest.main_loop())  # uvicorn's Date header upkeep
+        prober = asyncio.create_task(self.probe.run())
+        names = ", ".join(str(socket_listen_address(s) or s.getsockname()) for s in self.guest_sockets)
+        log.info("serving guests on %s, admin on %s, pid %d", names, self.config.admin_listen, os.getpid())
+        self.notifier.ready()
+        if self.on_ready is not None:
+            self.on_ready()
+
+        while not self._stop:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._reload and not self._stop:
+                self._reload = False
+                self.reload()
+
+        # Shutdown, in order:
+        # 1. tell systemd, so it does not count the drain as a hang;
+        self.notifier.stopping()
+        log.info("stopping: draining in-flight requests for up to %.0f s", DRAIN_SECONDS)
+        # 2. stop accepting and let in-flight guest requests finish (bounded by DRAIN_SECONDS);
+        self.guest.should_exit = True
+        await ticker
+        await self.guest.shutdown()
+        # 3. the admin endpoint goes last, so /healthz answers during the drain;
+        self.admin.should_exit = True
+        await self.admin.shutdown()
+        # 4. nothing uses the upstream client any more.
+        prober.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await prober
+        await self.app.client.aclose()
+        log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and apply it to requests that begin from now on."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError("no config file to reload (started without --config)")
+            new = load_config(self.config_path)
+            check_input_files(new)
+            client = build_client(new.control_plane) if new.control_plane != self.config.control_plane else None
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.app.metrics.reloads.labels("refused").inc()
+            self.notifier.ready()
+            return
+        fixed = [key for key in ("listen", "admin_listen", "workers") if getattr(new, key) != getattr(self.config, key)]
+        if fixed:
+            log.warning("reload: %s change only on restart; keeping the running values", ", ".join(fixed))
+            new = replace(
+                new, listen=self.config.listen, admin_listen=self.config.admin_listen, workers=self.config.workers
+            )
+        old_client = self.app.client
+        if new.registry != self.config.registry:
+            self.app.registry = Registry(new.registry)
+        self.app.configure(new, client or old_client)
+        if client is not None:
+            asyncio.get_running_loop().call_later(OLD_CLIENT_GRACE, lambda: asyncio.ensure_future(old_client.aclose()))
+        self.config = new
+        self.app.metrics.reloads.labels("applied").inc()
+        log.info("reloaded %s", self.config_path)
+        self.notifier.ready()
+
+    def close_connections(self, addresses: set[str]) -> int:
+        """Close every guest connection whose peer is in `addresses` (a VM was removed)."""
+        closed = 0
+        for connection in list(self.guest.server_state.connections):
+            client = getattr(connection, "client", None)
+            transport = getattr(connection, "transport", None)
+            if client and transport is not None and client[0] in addresses:
+                transport.close()
+                closed += 1
+        return closed
+
+
+def open_sockets(config: Config, environ: Mapping[str, str]) -> tuple[list[socket.socket], socket.socket]:
+    """The guest sockets (systemd's when passed, else bound from `listen`) and the admin one."""
+    guest = systemd.listen_fds(environ)
+    try:
+        if not guest:
+            guest = [bind_listen(entry) for entry in config.listen]
+        admin = bind_admin(config.admin_listen)
+    except OSError:
+        for sock in guest:
+            sock.close()
+        raise
+    return guest, admin
