@@ -8,6 +8,7 @@ prefix match (bench/ has the numbers). Read `ProxyApp.handle` top to bottom.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -99,7 +100,7 @@ class ProxyApp:
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         extra_listen: Iterable[ListenAddress] = (),
-        close_connections: Callable[[set[str]], int] | None = None,
+        close_connections: Callable[[set[str], int], int] | None = None,
     ) -> None:
         self.registry = registry
         self.sessions = sessions or SessionTokens()
@@ -214,9 +215,16 @@ class ProxyApp:
             if (current := now.get(address)) is None or (current.name, current.vm_id) != (vm.name, vm.vm_id)
         }
         if gone and self.close_connections is not None:
-            closed = self.close_connections(gone)
+            closed = self.close_connections(gone, self._generation)
             if closed:
                 log.info("closed %d connection(s) from %d address(es) no longer registered", closed, len(gone))
+
+    def current_generation(self) -> int:
+        """The registry generation now (refreshed): a new connection is stamped with it, so
+        only connections accepted before a change are closed because of it."""
+        with contextlib.suppress(RegistryUnavailable):
+            self.lookup("")
+        return self.registry.generation
 
     async def watch_registry(self) -> None:
         """Notice changes and damage without traffic: /readyz, metrics, idle connections."""

@@ -57,7 +57,7 @@ UPSTREAM_FAILURES: dict[type[upstream.UpstreamError], Refusal] = {
 
 def refusal_for(exc: upstream.UpstreamError) -> Refusal:
     for kind in type(exc).__mro__:
-        refusal = UPSTREAM_FAILURES.get(kind)  # type: ignore[call-overload]
+        refusal = UPSTREAM_FAILURES.get(kind)
         if refusal is not None:
             return refusal
     return UPSTREAM_FAILURES[upstream.UpstreamError]

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import systemd
 from .admin import UpstreamProbe, create_admin_app
@@ -83,11 +84,23 @@ def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
     return ListenAddress(str(ipaddress.ip_address(host.split("%")[0])), port)
 
 
-def _uvicorn_config(app: object) -> uvicorn.Config:
+class GuestProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, stamped with the registry generation at accept time."""
+
+    registry_generation = 0
+    proxy_app: ProxyApp | None = None  # set on the per-server subclass
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.proxy_app is not None:
+            self.registry_generation = self.proxy_app.current_generation()
+        super().connection_made(transport)  # type: ignore[arg-type]
+
+
+def _uvicorn_config(app: object, protocol: type[asyncio.Protocol] | None = None) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         loop="none",
-        http="httptools",
+        http=protocol or "httptools",
         lifespan="on",
         proxy_headers=False,  # identity is the socket peer, never a header
         server_header=False,
@@ -149,7 +162,8 @@ class ProxyServer:
             close_connections=self.close_connections,
         )
         self.probe = UpstreamProbe(self.app)
-        self.guest = uvicorn.Server(_uvicorn_config(self.app))
+        protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app})
+        self.guest = uvicorn.Server(_uvicorn_config(self.app, protocol))
         admin_config = _uvicorn_config(create_admin_app(self.app, self.probe))
         admin_config.lifespan = "off"
         self.admin = uvicorn.Server(admin_config)
@@ -223,14 +237,18 @@ class ProxyServer:
         log.info("reloaded %s", self.config_path)
         self.notifier.ready()
 
-    def close_connections(self, addresses: set[str]) -> int:
-        """Close every guest connection whose peer is in `addresses` (a VM was removed)."""
+    def close_connections(self, addresses: set[str], generation: int) -> int:
+        """Close the guest connections from `addresses` accepted before registry `generation`
+        (their VM was removed or its address handed on); newer ones belong to the new holder."""
         closed = 0
         for connection in list(self.guest.server_state.connections):
-            client = getattr(connection, "client", None)
-            transport = getattr(connection, "transport", None)
-            if client and transport is not None and client[0] in addresses:
-                transport.close()
+            if (
+                isinstance(connection, GuestProtocol)
+                and connection.client
+                and connection.client[0] in addresses
+                and connection.registry_generation < generation
+            ):
+                connection.transport.close()
                 closed += 1
         return closed
 

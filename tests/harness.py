@@ -1,0 +1,180 @@
+"""Real processes for end-to-end tests: the reference control plane, the proxy, hostagent.
+
+Everything binds loopback only. Guests are played by distinct loopback source addresses
+(127.0.0.2, 127.0.0.3, ...), which Linux routes to itself without any set-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[Any], host: str = "127.0.0.1", timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{process.args} did not listen on {port} within {timeout} s")
+
+
+def stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 25) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    return process.returncode
+
+
+def run(tool: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(BIN / tool), *args], input=input, capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+class ControlPlane:
+    """`controlplane serve` on a loopback port, with its secret in a file."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.secret_file = workdir / "cp-secret"
+        if not self.secret_file.exists():
+            self.secret_file.write_text(os.urandom(24).hex())
+        self.port = port or free_port()
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ControlPlane:
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "controlplane"),
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--secret-file",
+                str(self.secret_file),
+                *self.extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+    def mint(self, vm_id: str, *args: str) -> str:
+        return run("controlplane", "mint", vm_id, "--secret-file", str(self.secret_file), *args).stdout.strip()
+
+    def requests_seen(self) -> int:
+        count: int = httpx.get(f"{self.url}/_test/requests", timeout=5).json()["count"]
+        return count
+
+
+class Proxy:
+    """`metadata-proxy serve --config` as a user runs it, on a loopback port."""
+
+    def __init__(self, workdir: Path, control_plane_url: str, extra_toml: str = "", top_toml: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.admin = workdir / "admin.sock"
+        self.registry = workdir / "registry.sqlite3"
+        self.config = workdir / "config.toml"
+        self.log = workdir / "proxy.log"
+        self.config.write_text(
+            f'host_id = "host-test"\n'
+            f'listen = ["127.0.0.1:{self.port}"]\n'
+            f'registry = "{self.registry}"\n'
+            f'admin_listen = "{self.admin}"\n'
+            f"{top_toml}\n"
+            f"[control_plane]\n"
+            f'url = "{control_plane_url}"\n'
+            f"timeout = 3\n"
+            f"retry_budget = 0.5\n"
+            f"{extra_toml}\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, env: dict[str, str] | None = None) -> Proxy:
+        self._log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(BIN / "metadata-proxy"), "serve", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        wait_for_port(self.port, self.process)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        code = 0
+        if self.process is not None:
+            code = stop(self.process, sig)
+            self.process = None
+            self._log.close()
+        return code
+
+    def hostagent(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("hostagent", "--registry", str(self.registry), *args, input=input, check=check)
+
+    def add_vm(self, name: str, address: str, token: str, *extra: str) -> None:
+        self.hostagent("vm", "add", name, "--address", address, "--token-file", "-", *extra, input=token)
+
+    def guest(self, address: str, **kwargs: Any) -> httpx.Client:
+        """An HTTP client whose connections come from `address` (a loopback alias)."""
+        transport = httpx.HTTPTransport(local_address=address, retries=0)
+        return httpx.Client(base_url=self.url, transport=transport, timeout=10, **kwargs)
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+@contextlib.contextmanager
+def running(*things: ControlPlane | Proxy) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for thing in reversed(things):
+            thing.stop()

@@ -1,0 +1,127 @@
+"""The config loader: defaults, every key validated, errors that name the key and the value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metadata_proxy.config import ConfigError, ListenAddress, Route, load_config, parse_config
+
+BASE = {"host_id": "host-a", "control_plane": {"url": "https://cp.example"}}
+
+
+def with_(**overrides: object) -> dict[str, object]:
+    data: dict[str, object] = {**BASE, "control_plane": dict(BASE["control_plane"])}  # type: ignore[call-overload]
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            table = data.setdefault(section, {})
+            assert isinstance(table, dict)
+            table[name] = value
+        else:
+            data[key] = value
+    return data
+
+
+def test_defaults_are_the_spec_defaults() -> None:
+    config = parse_config(BASE)
+    assert config.listen == (ListenAddress("169.254.169.254", 80), ListenAddress("fd00:a9fe::254", 80))
+    assert config.metadata_addresses == ("169.254.169.254", "fd00:a9fe::254")
+    assert config.registry == "/var/lib/metadata-proxy/registry.sqlite3"
+    assert config.admin_listen == "/run/metadata-proxy/admin.sock"
+    assert config.workers == 1
+    assert (config.control_plane.timeout, config.control_plane.retry_budget) == (10.0, 5.0)
+    assert (config.limits.requests_per_second, config.limits.burst, config.limits.max_concurrent) == (50, 100, 16)
+    assert config.limits.max_body_bytes == 10485760
+    assert (config.cache.max_entries_per_vm, config.cache.max_bytes) == (256, 67108864)
+    assert config.routes == (Route("/runtime/", "header"),)
+
+
+def test_full_config_parses() -> None:
+    config = parse_config(
+        with_(
+            listen=["127.0.0.1:8080", "[::1]:8080"],
+            host_aliases=["metadata.internal"],
+            admin_listen="127.0.0.1:9169",
+            workers=2,
+            routes=[{"prefix": "/runtime/", "guard": "session"}, {"prefix": "/public/", "guard": "none"}],
+            limits__burst=5,
+        )
+    )
+    assert [str(entry) for entry in config.listen] == ["127.0.0.1:8080", "[::1]:8080"]
+    assert config.routes[1] == Route("/public/", "none")
+    assert config.limits.burst == 5
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (with_(bogus=1), "bogus = 1: unknown key"),
+        (with_(limits__bogus="x"), 'limits.bogus = "x": unknown key'),
+        (with_(limits__burst=-1), "limits.burst = -1"),
+        (with_(limits__requests_per_second=0), "limits.requests_per_second = 0"),
+        (with_(limits__max_concurrent=True), "limits.max_concurrent = true"),
+        (with_(control_plane__url="ftp://x"), 'control_plane.url = "ftp://x"'),
+        (with_(control_plane__timeout=0), "control_plane.timeout = 0"),
+        (with_(control_plane__client_cert="/c.pem"), "control_plane.client_key is required"),
+        (with_(listen=["169.254.169.254"]), 'listen = ["169.254.169.254"]'),
+        (with_(listen=["[169.254.169.254]:80"]), "listen ="),
+        (with_(listen=["fd00::1:80"]), "listen ="),
+        (with_(admin_listen="169.254.169.254:80"), 'admin_listen = "169.254.169.254:80"'),
+        (with_(workers=0), "workers = 0"),
+        (with_(host_id=""), 'host_id = ""'),
+        (with_(routes=[{"prefix": "runtime"}]), 'routes[0].prefix = "runtime"'),
+        (with_(routes=[{"prefix": "/metadata/v1/"}]), "routes[0].prefix"),
+        (with_(routes=[{"prefix": "/a/../b/"}]), "routes[0].prefix"),
+        (with_(routes=[{"prefix": "/a/", "guard": "token"}]), 'routes[0].guard = "token"'),
+        (with_(routes=[{"prefix": "/a/"}, {"prefix": "/a/"}]), "configured twice"),
+        (with_(cache__max_bytes="big"), 'cache.max_bytes = "big"'),
+        ({"control_plane": {"url": "https://x"}}, "host_id is required"),
+        ({"host_id": "h"}, "control_plane is required"),
+    ],
+)
+def test_bad_values_name_key_and_value(data: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "config.toml")
+    assert expected in str(info.value)
+    assert str(info.value).startswith("config.toml: ")
+
+
+def test_load_config_reports_toml_syntax_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("host_id = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "absent.toml"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "metadata_proxy.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('host_id = "h"\n[control_plane]\nurl = "http://127.0.0.1:9"\n')
+    result = run_cli("check-config", "--config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('host_id = "h"\n[control_plane]\nurl = "http://127.0.0.1:9"\n[limits]\nburst = 0\n')
+    result = run_cli("check-config", "--config", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "limits.burst = 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    missing_ca = tmp_path / "ca.toml"
+    missing_ca.write_text(f'host_id = "h"\n[control_plane]\nurl = "https://x"\nca_file = "{tmp_path}/nope.pem"\n')
+    result = run_cli("check-config", "--config", str(missing_ca))
+    assert result.returncode == 1 and "control_plane.ca_file" in result.stderr and "no such file" in result.stderr
+
+    assert run_cli("check-config", "--bogus").returncode == 2

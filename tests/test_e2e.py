@@ -1,0 +1,247 @@
+"""The forwarding path end to end: real `controlplane serve`, real `metadata-proxy serve`,
+real `hostagent`, guests played by loopback source addresses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import ControlPlane, Proxy, free_port, running
+
+META = {"Metadata": "true"}
+_addresses = count(10)
+
+
+def next_address() -> str:
+    return f"127.0.0.{next(_addresses)}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def cp(workdir: Path) -> Iterator[ControlPlane]:
+    control_plane = ControlPlane(workdir).start()
+    with running(control_plane):
+        yield control_plane
+
+
+@pytest.fixture(scope="module")
+def proxy(workdir: Path, cp: ControlPlane) -> Iterator[Proxy]:
+    server = Proxy(workdir, cp.url).start()
+    with running(server):
+        yield server
+
+
+def register(proxy: Proxy, cp: ControlPlane, name: str) -> tuple[str, str, str]:
+    """A new VM: (address, vm_id, token)."""
+    address = next_address()
+    vm_id = f"vm-{name}-{os.getpid()}"
+    token = cp.mint(vm_id)
+    proxy.add_vm(name, address, token)
+    return address, vm_id, token
+
+
+def test_whoami_carries_the_calling_vms_token(proxy: Proxy, cp: ControlPlane) -> None:
+    a_addr, a_id, a_token = register(proxy, cp, "alpha")
+    b_addr, b_id, _ = register(proxy, cp, "beta")
+    with proxy.guest(a_addr) as a, proxy.guest(b_addr) as b:
+        ra = a.get("/runtime/whoami", headers=META)
+        rb = b.get("/runtime/whoami", headers=META)
+    assert ra.status_code == 200, ra.text
+    assert ra.json() == {"vm_id": a_id, "host_id": "host-test", "address": a_addr}
+    assert rb.json() == {"vm_id": b_id, "host_id": "host-test", "address": b_addr}
+    assert len(ra.headers["x-request-id"]) >= 16
+    assert a_token not in ra.text
+
+
+def test_guest_credentials_never_pass(proxy: Proxy, cp: ControlPlane) -> None:
+    address, vm_id, token = register(proxy, cp, "creds")
+    forged = cp.mint("someone-else")
+    with proxy.guest(address) as guest:
+        response = guest.get(
+            "/runtime/echo",
+            headers={
+                **META,
+                "Authorization": f"Bearer {forged}",
+                "Cookie": "session=1",
+                "Proxy-Authorization": "x",
+                "X-Metadata-Token": "t",
+                "Connection": "x-secret",
+                "X-Secret": "hop",
+            },
+        )
+    assert response.status_code == 200, response.text
+    echo = response.json()
+    assert echo["vm_id"] == vm_id
+    assert echo["authorization_count"] == 1
+    names = [name.lower() for name, _ in echo["headers"]]
+    for dropped in ("cookie", "proxy-authorization", "x-metadata-token", "x-secret", "connection"):
+        assert dropped not in names
+    sent = dict((name.lower(), value) for name, value in echo["headers"])
+    assert sent["x-forwarded-for"] == address
+    assert sent["x-metadata-proxy-host"] == "host-test"
+    assert sent["x-request-id"] == response.headers["x-request-id"]
+    assert names.count("x-request-id") == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "host", "status", "code"),
+    [
+        ({}, None, 400, "missing_metadata_header"),
+        (META, "evil.example", 403, "bad_host"),
+        ({**META, "X-Forwarded-For": "10.0.0.9"}, None, 400, "forwarded_request"),
+    ],
+)
+def test_refusals_reach_nothing(
+    proxy: Proxy, cp: ControlPlane, headers: dict[str, str], host: str | None, status: int, code: str
+) -> None:
+    address, _, _ = register(proxy, cp, f"refuse-{code}")
+    before = cp.requests_seen()
+    with proxy.guest(address) as guest:
+        response = guest.get("/runtime/whoami", headers={**headers, **({"Host": host} if host else {})})
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.headers["content-type"] == "application/json"
+    assert "x-request-id" in response.headers
+    assert cp.requests_seen() == before
+
+
+def test_unregistered_address_is_unknown_vm(proxy: Proxy, cp: ControlPlane) -> None:
+    before = cp.requests_seen()
+    with proxy.guest(next_address()) as guest:
+        response = guest.get("/runtime/whoami", headers=META)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "unknown_vm"
+    assert cp.requests_seen() == before
+
+
+def test_big_body_and_odd_query_arrive_byte_exact(proxy: Proxy, cp: ControlPlane) -> None:
+    address, _, _ = register(proxy, cp, "bytes")
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    target = "/runtime/echo/a%20b/~c?x=1&x=2&y=%2F&z=a+b&empty=&&flag&q=%3F%26"
+    with proxy.guest(address) as guest:
+        response = guest.post(target, content=body, headers=META)
+        chunked = guest.put("/runtime/echo/up", content=iter([body[:100_000], body[100_000:]]), headers=META)
+    assert response.status_code == 200, response.text
+    echo = response.json()
+    assert echo["method"] == "POST"
+    assert echo["raw_path"] == "/runtime/echo/a%20b/~c"
+    assert echo["query_string"] == "x=1&x=2&y=%2F&z=a+b&empty=&&flag&q=%3F%26"
+    assert echo["body_length"] == len(body)
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert chunked.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_upstream_status_passes_through(proxy: Proxy, cp: ControlPlane) -> None:
+    address, _, _ = register(proxy, cp, "status")
+    with proxy.guest(address) as guest:
+        for status in (201, 204, 404, 409, 500, 503):
+            response = guest.get(f"/runtime/status/{status}", headers=META)
+            assert response.status_code == status
+            assert "x-request-id" in response.headers
+
+
+def test_remove_and_reuse_take_effect_for_the_next_request(proxy: Proxy, cp: ControlPlane) -> None:
+    # Each request on a new connection: removal also closes the old VM's open ones.
+    address, old_id, _ = register(proxy, cp, "old")
+    with proxy.guest(address) as guest:
+        assert guest.get("/runtime/whoami", headers=META).json()["vm_id"] == old_id
+    proxy.hostagent("vm", "remove", "old")
+    with proxy.guest(address) as guest:
+        response = guest.get("/runtime/whoami", headers=META)
+    assert response.status_code == 403 and response.json()["error"]["code"] == "unknown_vm"
+    proxy.add_vm("new", address, cp.mint("vm-new-owner"))
+    with proxy.guest(address) as guest:
+        assert guest.get("/runtime/whoami", headers=META).json()["vm_id"] == "vm-new-owner"
+
+
+def test_remove_closes_open_keepalive_connections(proxy: Proxy, cp: ControlPlane) -> None:
+    address, _, _ = register(proxy, cp, "keepalive")
+    sock = socket.create_connection(("127.0.0.1", proxy.port), source_address=(address, 0), timeout=5)
+    try:
+        host = f"127.0.0.1:{proxy.port}"
+        sock.sendall(f"GET /metadata/v1/instance HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        proxy.hostagent("vm", "remove", "keepalive")
+        sock.settimeout(3)
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the proxy, not by a timeout
+        assert time.monotonic() - started < 2
+    finally:
+        sock.close()
+
+
+def test_local_instance_endpoint(proxy: Proxy, cp: ControlPlane) -> None:
+    address, vm_id, _ = register(proxy, cp, "local")
+    before = cp.requests_seen()
+    with proxy.guest(address) as guest:
+        response = guest.get("/metadata/v1/instance", headers=META)
+    assert response.json() == {"vm_id": vm_id, "name": "local", "host_id": "host-test"}
+    assert cp.requests_seen() == before
+
+
+def test_log_lines_are_json_without_tokens(proxy: Proxy, cp: ControlPlane) -> None:
+    address, vm_id, token = register(proxy, cp, "logged")
+    with proxy.guest(address) as guest:
+        request_id = guest.get("/runtime/whoami", headers=META).headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    entry = None
+    while entry is None and time.monotonic() < deadline:
+        for line in proxy.log_lines():
+            parsed = json.loads(line)
+            if parsed.get("request_id") == request_id:
+                entry = parsed
+        time.sleep(0.05)
+    assert entry is not None
+    assert {"time", "request_id", "vm", "vm_id", "method", "path", "status", "duration_ms", "upstream_status"} <= set(
+        entry
+    )
+    assert (entry["vm"], entry["vm_id"], entry["status"], entry["upstream_status"]) == ("logged", vm_id, 200, 200)
+    assert token not in proxy.log.read_text()
+
+
+def test_stopped_control_plane_gives_502_quickly(workdir: Path, tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path)  # never started: nothing listens on its port
+    proxy = Proxy(tmp_path, f"http://127.0.0.1:{free_port()}").start()
+    with running(proxy):
+        address = next_address()
+        proxy.add_vm("orphan", address, cp.mint("vm-orphan"))
+        started = time.monotonic()
+        with proxy.guest(address) as guest:
+            response = guest.get("/runtime/whoami", headers=META)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert elapsed < 3  # the retry budget is 0.5 s
+
+
+def test_admin_endpoint_not_on_guest_address(proxy: Proxy, cp: ControlPlane) -> None:
+    address, _, _ = register(proxy, cp, "admin")
+    transport = httpx.HTTPTransport(uds=str(proxy.admin))
+    with httpx.Client(transport=transport, base_url="http://admin") as admin:
+        assert admin.get("/healthz").status_code == 200
+        metrics = admin.get("/metrics").text
+        assert "metadata_proxy_requests_total" in metrics
+        deadline = time.monotonic() + 10
+        while admin.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert admin.get("/readyz").status_code == 200
+    with proxy.guest(address) as guest:
+        for path in ("/healthz", "/metrics", "/readyz"):
+            response = guest.get(path, headers=META)
+            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"

@@ -1,0 +1,167 @@
+"""SPEC section 3's checks as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from metadata_proxy import guards
+from metadata_proxy.config import Limits, ListenAddress, Route
+from metadata_proxy.limits import Limiter
+from metadata_proxy.sessions import SessionTokens
+
+ALLOWED = guards.allowed_hosts(
+    [ListenAddress("169.254.169.254", 80), ListenAddress("fd00:a9fe::254", 80)], ["Metadata.Internal"]
+)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"169.254.169.254",
+        b"169.254.169.254:80",
+        b"[fd00:a9fe::254]",
+        b"[fd00:a9fe::254]:80",
+        b"[FD00:A9FE:0::254]:80",
+        b"metadata.internal",
+        b"METADATA.internal",
+    ],
+)
+def test_host_accepted(host: bytes) -> None:
+    assert guards.check_host(host, ALLOWED) is None
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        None,
+        b"",
+        b"evil.example",
+        b"169.254.169.254:8080",
+        b"169.254.169.254.evil.example",
+        b"fd00:a9fe::254",
+        b"[fd00:a9fe::254",
+        b"127.0.0.1",
+        b"169.254.169.254:80:80",
+        b"metadata.internal.",
+    ],
+)
+def test_host_refused(host: bytes | None) -> None:
+    assert guards.check_host(host, ALLOWED) is guards.BAD_HOST
+
+
+@pytest.mark.parametrize(
+    "path",
+    [b"/runtime/x", b"/runtime/a%20b", b"/runtime/%7Euser", b"/runtime/caf%C3%A9", b"/runtime/100%", b"/runtime//x"],
+)
+def test_path_accepted(path: bytes) -> None:
+    assert guards.check_path(path) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/runtime/../metadata/v1/instance",
+        b"/runtime/./x",
+        b"/runtime/..",
+        b"/runtime/%2e%2e/x",
+        b"/runtime/%2E%2e/x",
+        b"/runtime/%252e%252e/x",
+        b"/runtime/%25252e%25252e/x",
+        b"/runtime/a%2Fb",
+        b"/runtime/a%252Fb",
+        b"/runtime/a%5c..%5cb",
+        b"/runtime/a\\b",
+        b"/runtime/%00",
+        b"/runtime/%0d%0aX-Injected:%201",
+        b"/runtime/%7f",
+        b"/runtime/%ff",
+        b"/runtime/\xff",
+        b"runtime/x",
+        b"/runtime/%2525252525252e",
+    ],
+)
+def test_path_refused(path: bytes) -> None:
+    assert guards.check_path(path) is guards.BAD_PATH
+
+
+def test_route_match_is_longest_prefix() -> None:
+    routes = [Route("/runtime/"), Route("/runtime/public/", "none")]
+    assert guards.match_route(b"/runtime/public/x", routes) == routes[1]
+    assert guards.match_route(b"/runtime/x", routes) == routes[0]
+    assert guards.match_route(b"/runtime", routes) is None
+    assert guards.match_route(b"/other/", routes) is None
+
+
+def test_headers_checks() -> None:
+    assert guards.check_headers([(b"x-forwarded-for", b"1.2.3.4")]) is guards.FORWARDED
+    assert guards.check_headers([(b"forwarded", b"for=1.2.3.4")]) is guards.FORWARDED
+    assert guards.check_headers([(b"x-real-ip", b"1.2.3.4")]) is guards.FORWARDED
+    assert guards.check_headers([(b"x-big", b"a" * 33000)]) is guards.HEADERS_TOO_LARGE
+    assert guards.check_headers([(b"x-ok", b"a" * 30000)]) is None
+    both = [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
+    assert guards.check_headers(both) is guards.BAD_FRAMING
+    assert guards.check_headers([(b"content-length", b"5"), (b"content-length", b"6")]) is guards.BAD_FRAMING
+
+
+def test_metadata_header() -> None:
+    assert guards.check_metadata_header([(b"metadata", b"true")]) is None
+    assert guards.check_metadata_header([(b"metadata", b"True")]) is None
+    assert guards.check_metadata_header([]) is guards.MISSING_METADATA
+    assert guards.check_metadata_header([(b"metadata", b"false")]) is guards.MISSING_METADATA
+    assert guards.check_metadata_header([(b"metadata", b"true"), (b"metadata", b"true")]) is guards.MISSING_METADATA
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"1", 1),
+        (b"21600", 21600),
+        (b"0", None),
+        (b"21601", None),
+        (b"-1", None),
+        (b"abc", None),
+        (b"1.5", None),
+        (b"", None),
+        (None, None),
+        (b"0000001", None),
+    ],
+)
+def test_ttl(value: bytes | None, expected: int | None) -> None:
+    assert guards.parse_ttl(value) == expected
+
+
+def test_session_tokens_bound_to_vm_and_expiry() -> None:
+    now = [1000.0]
+    sessions = SessionTokens(clock=lambda: now[0])
+    token = sessions.issue("vm-a", "id-a", 10).encode()
+    assert sessions.valid(token, "vm-a", "id-a")
+    assert not sessions.valid(token, "vm-b", "id-b")
+    assert not sessions.valid(token, "vm-a", "id-other")
+    assert not sessions.valid(token[:-2] + b"xx", "vm-a", "id-a")
+    version, expiry, nonce, mac = token.split(b".")
+    assert not sessions.valid(b".".join([version, b"99999999", nonce, mac]), "vm-a", "id-a")
+    assert not sessions.valid(SessionTokens().issue("vm-a", "id-a", 10).encode(), "vm-a", "id-a")
+    now[0] += 10
+    assert not sessions.valid(token, "vm-a", "id-a")
+    assert not sessions.valid(b"garbage", "vm-a", "id-a")
+    assert not sessions.valid(None, "vm-a", "id-a")
+
+
+def test_limiter_bucket_and_concurrency() -> None:
+    now = [0.0]
+    limiter = Limiter(Limits(requests_per_second=2, burst=3, max_concurrent=2), clock=lambda: now[0])
+    assert limiter.acquire("a") is None
+    assert limiter.acquire("a") is None
+    assert limiter.acquire("a") == 1  # two in flight
+    limiter.release("a")
+    limiter.release("a")
+    assert limiter.acquire("a") is None  # third token of the burst
+    limiter.release("a")
+    assert limiter.acquire("a") == 1  # bucket empty: 1 token needs 0.5 s, rounded up
+    assert limiter.acquire("b") is None  # another VM is untouched
+    now[0] += 0.5
+    assert limiter.acquire("a") is None
+    limiter.release("a")
+    now[0] += 10_000  # quiet VMs are evicted
+    limiter.acquire("c")
+    assert len(limiter) == 1
