@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from typing import Any
 
 from . import guards, upstream
+from .cache import MAX_CACHED_BODY, ResponseCache, cacheable_max_age
 from .config import Config, ListenAddress, Route
 from .forward import BodyTooLarge, GuestDisconnected, RequestBody, refusal_for, response_headers, upstream_headers
 from .guards import Refusal
@@ -112,6 +113,7 @@ class ProxyApp:
         self._generation = registry.generation
         self._watcher: asyncio.Task[None] | None = None
         self.limiter = Limiter(config.limits)
+        self.cache = ResponseCache(config.cache.max_entries_per_vm, config.cache.max_bytes)
         self.configure(config, client)
 
     def configure(self, config: Config, client: upstream.Upstream) -> None:
@@ -121,6 +123,11 @@ class ProxyApp:
         self.routes: tuple[Route, ...] = config.routes
         self.hosts = guards.allowed_hosts((*config.listen, *self._extra_listen), config.host_aliases)
         self.limiter.limits = config.limits
+        if (config.cache.max_entries_per_vm, config.cache.max_bytes) != (
+            self.cache.max_entries_per_vm,
+            self.cache.max_bytes,
+        ):
+            self.cache = ResponseCache(config.cache.max_entries_per_vm, config.cache.max_bytes)
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -206,9 +213,14 @@ class ProxyApp:
         return vm
 
     def registry_changed(self, before: Mapping[str, VM]) -> None:
-        """Close the connections of addresses whose VM went away or changed hands."""
+        """Drop the cache of VMs removed or re-keyed; close the connections of addresses
+        whose VM went away or changed hands."""
         self.metrics.registry_reloads.inc()
         now = self.registry.by_address()
+        tokens = {vm.name: vm.token for vm in now.values()}
+        for vm in {vm.name: vm for vm in before.values()}.values():
+            if tokens.get(vm.name) != vm.token:
+                self.cache.drop_vm(vm.name)
         gone = {
             address
             for address, vm in before.items()
@@ -275,6 +287,14 @@ class ProxyApp:
             scope["headers"], token=vm.token, peer=ex.peer, host_id=self.config.host_id, request_id=ex.request_id
         )
 
+        if method == "GET" and self.cache.enabled:
+            hit = self.cache.get(vm.name, target)
+            ex.cache = "miss" if hit is None else "hit"
+            self.metrics.cache.labels(ex.cache).inc()
+            if hit is not None:
+                entry, age = hit
+                return await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
+
         body: bytes | Any = None
         reader = RequestBody(ex.receive, self.config.limits.max_body_bytes)
         if method not in ("GET", "HEAD"):
@@ -315,9 +335,17 @@ class ProxyApp:
             ex.upstream_status = response.status
             out = response_headers(response.headers, ex.request_id.encode())
             ex.status = response.status
-            small = _content_length(out)
-            if method == "HEAD" or (small is not None and small <= STREAM_SMALL_BODY):
+            answer_length = _content_length(out)
+            max_age = cacheable_max_age(response.status, out) if ex.cache else None
+            if max_age and answer_length is not None and answer_length <= MAX_CACHED_BODY:
+                data = await response.read()
+                stored = [(name, value) for name, value in out if name not in (b"content-length", b"x-request-id")]
+                self.cache.put(vm.name, target, response.status, stored, data, max_age)
+            elif method == "HEAD" or (answer_length is not None and answer_length <= STREAM_SMALL_BODY):
                 data = b"" if method == "HEAD" else await response.read()
+            else:
+                data = None
+            if data is not None:
                 await ex.send({"type": "http.response.start", "status": response.status, "headers": out})
                 await ex.send({"type": "http.response.body", "body": data})
                 return
