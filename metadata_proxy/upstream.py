@@ -313,6 +313,10 @@ class _Connection(asyncio.Protocol):
                 self._fail(TLSError(f"TLS error from upstream: {exc.reason or exc}"))
             else:
                 why = f": {exc}" if exc is not None else ""
+                if self._exchanges == 1 and not resp._started and self._pool._ssl is not None:
+                    # What a TLS 1.3 server that rejects our client certificate looks like when
+                    # it does not send its alert (asyncio-based servers, for one).
+                    why += " (right after the TLS handshake: was the client certificate refused?)"
                 self._fail(
                     ConnectionLost(
                         f"upstream closed the connection before the response was complete{why}",

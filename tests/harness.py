@@ -111,7 +111,16 @@ class ControlPlane:
 class Proxy:
     """`metadata-proxy serve --config` as a user runs it, on a loopback port."""
 
-    def __init__(self, workdir: Path, control_plane_url: str, extra_toml: str = "", top_toml: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        control_plane_url: str,
+        extra_toml: str = "",
+        top_toml: str = "",
+        *,
+        timeout: float = 3,
+        retry_budget: float = 0.5,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.admin = workdir / "admin.sock"
@@ -126,8 +135,8 @@ class Proxy:
             f"{top_toml}\n"
             f"[control_plane]\n"
             f'url = "{control_plane_url}"\n'
-            f"timeout = 3\n"
-            f"retry_budget = 0.5\n"
+            f"timeout = {timeout}\n"
+            f"retry_budget = {retry_budget}\n"
             f"{extra_toml}\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
