@@ -7,8 +7,10 @@ Inside each VM namespace we own exactly one table, ``inet metadata_proxy``: a NA
 source-NATs every TCP connection towards a metadata address (the hosts of the config's
 ``listen`` entries) to the VM's host-unique address of the same family. It matches on the
 destination only, never on the source, so whatever source a guest forges (another VM's
-address, or its own VM's address) leaves the namespace as that VM's address. In the root
-namespace we own ``inet metadata_proxy_host``, which accepts TCP to the metadata addresses.
+address included) leaves the namespace as this VM's address. A forged source equal to the
+VM's own address gets nowhere: the namespace holds that address, so IPv4 drops the packet as
+a martian and IPv6 answers land in the namespace itself. In the root namespace we own
+``inet metadata_proxy_host``, which accepts TCP to the metadata addresses.
 
     NetnsError            a command failed, timed out or is missing; the message is one line
 """
@@ -102,13 +104,19 @@ def _nft(netns: str | None, script: str) -> None:
 # -- namespaces and addresses ---------------------------------------------------------------
 
 
-def netns_exists(netns: str) -> bool:
-    """Whether a named network namespace (``ip netns``) exists."""
+def namespaces() -> frozenset[str]:
+    """The names of every named network namespace (``ip netns``)."""
     proc = _run(["ip", "-j", "netns", "list"])
     if proc.returncode != 0:
         raise NetnsError(f"ip netns list: {_reason(proc)}")
     listing = _json(proc, "ip netns list")
-    return isinstance(listing, list) and any(isinstance(ns, dict) and ns.get("name") == netns for ns in listing)
+    items = listing if isinstance(listing, list) else []
+    return frozenset(str(ns["name"]) for ns in items if isinstance(ns, dict) and "name" in ns)
+
+
+def netns_exists(netns: str) -> bool:
+    """Whether a named network namespace exists."""
+    return netns in namespaces()
 
 
 def link_addresses(netns: str | None, link: str | None = None) -> list[tuple[str, int]]:
@@ -141,18 +149,6 @@ def check_vm_netns(netns: str, addresses: Iterable[str]) -> None:
     missing = [address for address in addresses if address not in held]
     if missing:
         raise NetnsError(f"netns {netns}: address {missing[0]} is not configured in the namespace")
-
-
-def table_names(netns: str | None) -> list[tuple[str, str]]:
-    """(family, name) of every nftables table in a namespace, from ``nft -j list tables``."""
-    proc = _run(_in_netns(netns, ["nft", "-j", "list", "tables"]))
-    if proc.returncode != 0:
-        raise NetnsError(f"netns {netns or '(root)'}: nft: {_reason(proc)}")
-    data = _json(proc, "nft list tables")
-    items = data.get("nftables", []) if isinstance(data, dict) else []
-    return [
-        (item["table"]["family"], item["table"]["name"]) for item in items if isinstance(item, dict) and "table" in item
-    ]
 
 
 # -- the per-VM table -----------------------------------------------------------------------
@@ -220,18 +216,24 @@ def installed_snat(netns: str) -> frozenset[tuple[str, int, str]] | None:
 
     A rule of any other shape is reported as an entry that never matches a desired one.
     """
-    if (("inet", VM_TABLE)) not in table_names(netns):
-        return None
-    proc = _run(_in_netns(netns, ["nft", "-j", "list", "table", "inet", VM_TABLE]))
+    # One listing of the whole ruleset: "list table" would fail on a missing table with only
+    # human text to tell that apart from a real failure.
+    proc = _run(_in_netns(netns, ["nft", "-j", "list", "ruleset"]))
     if proc.returncode != 0:
         raise NetnsError(f"netns {netns}: nft: {_reason(proc)}")
-    data = _json(proc, "nft list table")
+    data = _json(proc, "nft list ruleset")
+    present = False
     found: set[tuple[str, int, str]] = set()
     for item in data.get("nftables", []) if isinstance(data, dict) else []:
-        rule = item.get("rule") if isinstance(item, dict) else None
-        if isinstance(rule, dict):
+        if not isinstance(item, dict):
+            continue
+        table = item.get("table")
+        if isinstance(table, dict) and (table.get("family"), table.get("name")) == ("inet", VM_TABLE):
+            present = True
+        rule = item.get("rule")
+        if isinstance(rule, dict) and (rule.get("family"), rule.get("table")) == ("inet", VM_TABLE):
             found.add(_snat_of(rule.get("expr")))
-    return frozenset(found)
+    return frozenset(found) if present else None
 
 
 def _snat_of(expr: object) -> tuple[str, int, str]:
@@ -286,8 +288,8 @@ class Plumber:
             raise
         return True
 
-    def exists(self, netns: str) -> bool:
-        return netns_exists(netns)
+    def namespaces(self) -> frozenset[str]:
+        return namespaces()
 
 
 # -- the host side --------------------------------------------------------------------------

@@ -248,7 +248,7 @@ class Plumbing(Protocol):
 
     def remove(self, netns: str) -> bool: ...
 
-    def exists(self, netns: str) -> bool: ...
+    def namespaces(self) -> frozenset[str]: ...
 
 
 def _replumb(
@@ -455,17 +455,12 @@ class Store:
                     raise StoreError(f"VM {name} has no netns: its plumbing is the caller's")
             vms = [by_name[name] for name in names]
         todo = [vm for vm in vms if vm.netns is not None]
-        missing: list[tuple[str, str]] = []
-        present: list[VM] = []
-        for vm in todo:
-            try:
-                exists = plumber.exists(vm.netns or "")
-            except Exception as exc:
-                raise PlumbingFailed(str(exc)) from None
-            if exists:
-                present.append(vm)
-            else:
-                missing.append((vm.name, vm.netns or ""))
+        try:
+            existing = plumber.namespaces() if todo else frozenset()
+        except Exception as exc:
+            raise PlumbingFailed(str(exc)) from None
+        present = [vm for vm in todo if vm.netns in existing]
+        missing = [(vm.name, vm.netns or "") for vm in todo if vm.netns not in existing]
         failed = _plumb_all(plumber, [(vm, _entry_of(vm)) for vm in present], fresh=True)
         bad = {name for name, _ in failed}
         return ApplyReport([vm.name for vm in present if vm.name not in bad], missing, failed)

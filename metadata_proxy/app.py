@@ -36,9 +36,11 @@ log = logging.getLogger("metadata_proxy")
 
 REGISTRY_UNAVAILABLE = Refusal(503, "registry_unavailable", "The VM registry cannot be read; try again shortly.")
 TOKEN_EXPIRED = Refusal(503, "token_expired", "This VM's runtime token has expired; the control plane must renew it.")
-# Bytes of an oversized body read and thrown away before answering 413, so the guest
-# reads the answer instead of a reset.
+# After a 413, at most this much more of the body is read and thrown away, for at most
+# LINGER_SECONDS, before the connection closes: closing with unread bytes sends a reset,
+# which can destroy the answer before a guest still sending its body has read it.
 DRAIN_AFTER_REFUSAL = 1024 * 1024
+LINGER_SECONDS = 2.0
 REGISTRY_WATCH_INTERVAL = 0.25
 STREAM_SMALL_BODY = 64 * 1024
 
@@ -76,18 +78,35 @@ class Exchange:
         self.cache: str | None = None
         self.started = time.perf_counter()
 
-    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    async def respond(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        linger: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Answer; with `linger`, the whole answer is written first and the response (and
+        so a `Connection: close` connection) ends only when `linger` returns."""
         headers.append((b"x-request-id", self.request_id.encode()))
         headers.append((b"content-length", b"%d" % len(body)))
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": body})
         self.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        if linger is not None:
+            await self.send({"type": "http.response.body", "body": body, "more_body": True})
+            await linger()
+            body = b""
+        await self.send({"type": "http.response.body", "body": body})
 
-    async def refuse(self, refusal: Refusal, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    async def refuse(
+        self,
+        refusal: Refusal,
+        extra: Iterable[tuple[bytes, bytes]] = (),
+        linger: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.code = refusal.code
         body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
         headers = [(b"content-type", b"application/json"), *refusal.headers, *extra]
-        await self.respond(refusal.status, headers, body)
+        await self.respond(refusal.status, headers, body, linger)
 
 
 class ProxyApp:
@@ -111,6 +130,9 @@ class ProxyApp:
         self.close_connections = close_connections
         self._extra_listen = tuple(extra_listen)
         self._generation = registry.generation
+        # The VMs as of the last generation handled: what a change is compared with. Not the
+        # registry's current view, which is empty while the file is unreadable.
+        self._known: Mapping[str, VM] = registry.by_address()
         self._watcher: asyncio.Task[None] | None = None
         self.limiter = Limiter(config.limits)
         self.cache = ResponseCache(config.cache.max_entries_per_vm, config.cache.max_bytes)
@@ -173,6 +195,8 @@ class ProxyApp:
         ex.route = route.prefix if route else raw_path.decode()
         if local_method and ex.scope["method"] != local_method:
             return await ex.refuse(guards.method_not_allowed(local_method))
+        if route and ex.scope["method"] in guards.UNFORWARDED_METHODS:
+            return await ex.refuse(guards.method_not_allowed(guards.FORWARDED_METHODS))
 
         # 5. The route's guard (local endpoints: "header").
         guard = route.guard if route else "header"
@@ -203,14 +227,21 @@ class ProxyApp:
     # -- the registry -------------------------------------------------------------------
 
     def lookup(self, address: str) -> VM | None:
-        before = self.registry.by_address()
         try:
             vm = self.registry.lookup(address)
         finally:
             if self.registry.generation != self._generation:
                 self._generation = self.registry.generation
-                self.registry_changed(before)
+                self.registry_changed(self._known)
+                self._known = self.registry.by_address()
         return vm
+
+    def still_registered(self, address: str, vm: VM) -> bool:
+        """True when `address` still belongs to `vm` with the same token."""
+        try:
+            return self.lookup(address) == vm
+        except RegistryUnavailable:
+            return False
 
     def registry_changed(self, before: Mapping[str, VM]) -> None:
         """Drop the cache of VMs removed or re-keyed; close the connections of addresses
@@ -317,7 +348,10 @@ class ProxyApp:
                 headers,
                 body,
                 content_length=length if not isinstance(body, bytes | None) else None,
-                idempotent=method in ("GET", "HEAD"),
+                # Not `idempotent`: SPEC section 3 retries a call that reached the control plane
+                # only on a reused connection closed before any byte (the keep-alive race), so a
+                # GET that crashed it is not replayed, and a refused client certificate fails
+                # at once instead of after the whole retry budget.
             )
         except BodyTooLarge:
             return await self.refuse_body(ex, reader)
@@ -339,8 +373,11 @@ class ProxyApp:
             max_age = cacheable_max_age(response.status, out) if ex.cache else None
             if max_age and answer_length is not None and answer_length <= MAX_CACHED_BODY:
                 data = await response.read()
-                stored = [(name, value) for name, value in out if name not in (b"content-length", b"x-request-id")]
-                self.cache.put(vm.name, target, response.status, stored, data, max_age)
+                # Re-keyed or removed during the call: the answer (fetched with the old token)
+                # must not be served to a request that begins after the change.
+                if self.still_registered(ex.peer, vm):
+                    stored = [(name, value) for name, value in out if name not in (b"content-length", b"x-request-id")]
+                    self.cache.put(vm.name, target, response.status, stored, data, max_age)
             elif method == "HEAD" or (answer_length is not None and answer_length <= STREAM_SMALL_BODY):
                 data = b"" if method == "HEAD" else await response.read()
             else:
@@ -361,13 +398,22 @@ class ProxyApp:
             await response.aclose()
 
     async def refuse_body(self, ex: Exchange, reader: RequestBody) -> None:
-        """413, after reading a bounded amount more so the guest reads the answer.
+        """413 at once, then a lingering close: a bounded amount of the rest of the body is
+        read and dropped, for a bounded time, so the guest reads the answer, not a reset.
 
-        A guest waiting for `100 Continue` has sent nothing yet: answer at once and close.
+        A guest waiting for `100 Continue` has sent nothing yet: close without reading.
         """
+        close = ((b"connection", b"close"),)
         expect = guards.single_header(ex.scope["headers"], b"expect")
-        ended = False if expect and expect.lower() == b"100-continue" else await reader.drain(DRAIN_AFTER_REFUSAL)
-        await ex.refuse(guards.BODY_TOO_LARGE, () if ended else ((b"connection", b"close"),))
+        if reader.received == 0 and expect is not None and expect.lower() == b"100-continue":
+            return await ex.refuse(guards.BODY_TOO_LARGE, close)
+
+        async def linger() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER_SECONDS):
+                    await reader.drain(DRAIN_AFTER_REFUSAL)
+
+        await ex.refuse(guards.BODY_TOO_LARGE, close, linger)
 
     # -- the log line and metrics -------------------------------------------------------
 

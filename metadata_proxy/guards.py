@@ -7,6 +7,7 @@ to tell a good request from a bad one. Header names arrive lowercased (ASGI).
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -45,6 +46,16 @@ MISSING_METADATA = Refusal(400, "missing_metadata_header", "The request needs th
 INVALID_SESSION = Refusal(401, "invalid_session_token", "A valid X-Metadata-Token header is required.")
 INVALID_TTL = Refusal(400, "invalid_ttl", "X-Metadata-Token-TTL-Seconds must be an integer from 1 to 21600.")
 BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
+# Answered by the server's protocol (server.GuestProtocol) before the app sees a request.
+MALFORMED = Refusal(400, "bad_request", "The request is not valid HTTP/1.1.")
+REQUEST_TIMEOUT = Refusal(408, "request_timeout", "The request did not arrive in time.")
+TOO_MANY_CONNECTIONS = Refusal(
+    429, "rate_limited", "Too many open connections from this VM; retry later.", ((b"retry-after", b"1"),)
+)
+# Never forwarded: a TRACE echoes the request, and so the Authorization header that the
+# proxy attached, back to the guest (cross-site tracing) from any upstream that allows it.
+UNFORWARDED_METHODS = frozenset({"TRACE", "TRACK"})
+FORWARDED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 def method_not_allowed(allowed: str) -> Refusal:
@@ -138,9 +149,10 @@ def check_path(raw_path: bytes) -> Refusal | None:
             text = current.decode("utf-8")
         except UnicodeDecodeError:
             return BAD_PATH
-        if not text.startswith("/") or "\\" in text or any(c < " " or c == "\x7f" for c in text):
+        # C0, DEL and C1 controls (U+0080..U+009F: NEL and friends end lines in some parsers).
+        if not text.startswith("/") or "\\" in text or any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
             return BAD_PATH
-        if any(segment in (".", "..") for segment in text.split("/")):
+        if _climbs(text):
             return BAD_PATH
         if "%" not in text:
             return None
@@ -151,6 +163,18 @@ def check_path(raw_path: bytes) -> Refusal | None:
             return BAD_PATH  # an encoded slash
         current = decoded
     return BAD_PATH
+
+
+def _climbs(text: str) -> bool:
+    """Dot segments, also as an upstream may read them: with path parameters (`..;x`, which
+    Tomcat-style servers treat as `..`), or as Unicode look-alikes that NFKC folds to dots,
+    slashes or backslashes (`．．／`)."""
+    if not text.isascii():
+        folded = unicodedata.normalize("NFKC", text)
+        if folded.count("/") != text.count("/") or "\\" in folded:
+            return True
+        text = folded
+    return any(segment.split(";", 1)[0] in (".", "..") for segment in text.split("/"))
 
 
 def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:

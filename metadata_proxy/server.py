@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from . import systemd
+from . import guards, systemd
 from .admin import UpstreamProbe, create_admin_app
 from .app import ProxyApp
 from .config import Config, ConfigError, ListenAddress, check_input_files, load_config
@@ -30,12 +34,26 @@ from .logs import AccessLog
 from .registry import Registry
 from .sessions import SessionTokens
 
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+
 log = logging.getLogger("metadata_proxy")
 
 # In-flight requests get this long to finish on SIGTERM; the unit's TimeoutStopSec is 30.
 DRAIN_SECONDS = 20.0
 # Idle keep-alive connections from guests are closed after this long.
 KEEP_ALIVE_SECONDS = 5
+# Slowloris: uvicorn has no timeout for a request head. A request's line and headers must
+# arrive within this long of its first byte (a new connection's first request, of the
+# accept); else 408 and close. Guests sit on the same host: a head takes milliseconds.
+HEADER_TIMEOUT = 5.0
+# llhttp buffers a head of any size, and the app's 32 KiB check runs only once the head
+# is complete: past this many bytes the protocol answers 431 itself and closes.
+MAX_HEAD_BYTES = 64 * 1024
+# Open connections per peer address: max_concurrent requests plus idle keep-alive ones,
+# and never so many that one VM could take the process's file descriptors from the rest.
+CONNECTIONS_PER_CONCURRENT = 4
+MIN_CONNECTIONS_PER_PEER = 32
 # An old upstream client is closed this long after a reload replaced it, so the requests
 # still using it finish first.
 OLD_CLIENT_GRACE = DRAIN_SECONDS
@@ -85,15 +103,120 @@ def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
 
 
 class GuestProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, stamped with the registry generation at accept time."""
+    """uvicorn's httptools protocol, stamped with the registry generation at accept time,
+    with the bounds uvicorn lacks: a deadline and a size cap for each request head, and a
+    cap on open connections per peer. What it refuses gets the app's JSON envelope."""
 
     registry_generation = 0
     proxy_app: ProxyApp | None = None  # set on the per-server subclass
+    open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
+    header_timeout = HEADER_TIMEOUT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.proxy_app is not None:
             self.registry_generation = self.proxy_app.current_generation()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_bytes = 0
+        self._heads_begun = 0
         super().connection_made(transport)  # type: ignore[arg-type]
+        self._peer = self.client[0] if self.client else ""
+        self.open_by_peer[self._peer] += 1
+        limits = self.proxy_app.config.limits if self.proxy_app is not None else None
+        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * limits.max_concurrent if limits else 0)
+        if self.open_by_peer[self._peer] > cap:
+            self.refuse(guards.TOO_MANY_CONNECTIONS)
+        else:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self.open_by_peer[self._peer] -= 1
+        if self.open_by_peer[self._peer] <= 0:
+            del self.open_by_peer[self._peer]
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        begun = self._heads_begun
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # All of `data` belongs to the head only when the head began before it; one
+            # that began inside it is counted from the next read (at most one read short).
+            if begun == self._heads_begun:
+                self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.refuse(guards.HEADERS_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._heads_begun += 1
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a request still being answered: wait for that answer.
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+        elif self._in_head:
+            self.refuse(guards.REQUEST_TIMEOUT)
+        else:
+            self.transport.close()  # connected and never sent a byte: nothing to answer
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what llhttp cannot parse (smuggling shapes included)."""
+        self.refuse(guards.MALFORMED)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # llhttp rejects some requests only after their headers were complete and the app's
+        # task was created (a Transfer-Encoding other than chunked, a malformed chunk): the
+        # app must not then forward what the guest was told is malformed.
+        async def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+            if not cycle.disconnected:
+                await app(scope, receive, send)
+
+        super()._start_asgi_task(cycle, unless_refused)
+
+    def refuse(self, refusal: guards.Refusal) -> None:
+        """Answer for a request the app never saw, then close; counted and logged like the app's."""
+        request_id = secrets.token_hex(8)
+        cycle = self.cycle
+        answering = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None and not cycle.response_started:
+            cycle.disconnected = True  # the app, if it already runs, sees the guest gone
+            cycle.message_event.set()
+        if not answering and not self.transport.is_closing():  # never inside another answer
+            body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+            headers = [
+                *self.server_state.default_headers,
+                (b"content-type", b"application/json"),
+                *refusal.headers,
+                (b"content-length", b"%d" % len(body)),
+                (b"x-request-id", request_id.encode()),
+                (b"connection", b"close"),
+            ]
+            lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            self.transport.write(STATUS_LINE[refusal.status] + lines + b"\r\n" + body)
+        self.transport.close()
+        app = self.proxy_app
+        if app is not None:
+            app.metrics.refusals.labels(refusal.code).inc()
+            entry = dict.fromkeys(("vm", "vm_id", "method", "path", "duration_ms", "upstream_status"))
+            app.access_log.write(
+                {**entry, "request_id": request_id, "peer": self._peer, "status": refusal.status, "code": refusal.code}
+            )
 
 
 def _uvicorn_config(app: object, protocol: type[asyncio.Protocol] | None = None) -> uvicorn.Config:
@@ -101,6 +224,7 @@ def _uvicorn_config(app: object, protocol: type[asyncio.Protocol] | None = None)
         app,  # type: ignore[arg-type]
         loop="none",
         http=protocol or "httptools",
+        ws="none",  # an Upgrade is never ours to accept: such a request is served as plain HTTP
         lifespan="on",
         proxy_headers=False,  # identity is the socket peer, never a header
         server_header=False,
@@ -162,7 +286,7 @@ class ProxyServer:
             close_connections=self.close_connections,
         )
         self.probe = UpstreamProbe(self.app)
-        protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app})
+        protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app, "open_by_peer": Counter()})
         self.guest = uvicorn.Server(_uvicorn_config(self.app, protocol))
         admin_config = _uvicorn_config(create_admin_app(self.app, self.probe))
         admin_config.lifespan = "off"

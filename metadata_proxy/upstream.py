@@ -68,6 +68,8 @@ __all__ = [
 
 # Received body bytes the consumer has not taken yet; above this the socket stops being read.
 _READ_HIGH_WATER = 256 * 1024
+# A response head (status line, headers, 1xx included) larger than this is refused.
+_MAX_HEAD = 64 * 1024
 # A bytes body up to this size goes out in the same write (one syscall, one segment) as the head.
 _COALESCE_BODY = 64 * 1024
 # Connect retries: full jitter over min(cap, base * 2**attempt) (the AWS architecture blog's "Full Jitter").
@@ -160,6 +162,7 @@ class Response:
         "_started",
         "_head_done",
         "_complete",
+        "_head_bytes",
     )
 
     def __init__(self, conn: _Connection) -> None:
@@ -173,6 +176,7 @@ class Response:
         self._started = False  # any byte of the answer arrived
         self._head_done = False  # the final (non-1xx) head arrived
         self._complete = False  # the whole message arrived
+        self._head_bytes = 0
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason.decode('latin-1')!r}>"
@@ -189,10 +193,7 @@ class Response:
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Yield the body as it arrives, de-chunked; nothing for HEAD, 1xx, 204 and 304."""
-        conn = self._conn
-        if conn is None:
-            return
-        while True:
+        while (conn := self._conn) is not None:  # None once released: a late reader gets nothing
             if self._chunks:
                 yield self._take(conn)
             elif self._complete:
@@ -278,7 +279,7 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._body_consumed = False
         self._lost = False
-        self._counted = True  # holds one of the pool's slots until connection_lost
+        self._counted = False  # holds one of the pool's slots: from a successful connect to connection_lost
         self._closed: asyncio.Future[None] = loop.create_future()
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -297,6 +298,14 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._parse_failed(resp, exc)
+            return
+        if not resp._head_done:
+            # llhttp itself has no limit on the size of a head; this keeps a broken upstream
+            # from growing one without end.
+            resp._head_bytes += len(data)
+            if resp._head_bytes > _MAX_HEAD:
+                self._fail(ProtocolError(f"response head larger than {_MAX_HEAD // 1024} KiB"))
+                self._transport.abort()
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost decides what the EOF meant
@@ -583,6 +592,8 @@ class Upstream:
             if not raw or not _TOKEN_CHARS.issuperset(raw):
                 raise ValueError(f"invalid HTTP method {method!r}")
             prefix = raw + b" "
+        if content_length is not None and content_length < 0:
+            raise ValueError(f"negative content_length {content_length}")
         if not target or b" " in target:
             raise ValueError(f"invalid request target {target!r}")
         parts = [prefix, target, self._after_target]
@@ -729,7 +740,7 @@ class Upstream:
         conn.close()
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
-        conn = _Connection(self, loop)
+        conn = _Connection(self, loop)  # until connected, the slot is the caller's to release
         try:
             async with asyncio.timeout(self._timeout):
                 await loop.create_connection(
@@ -750,9 +761,11 @@ class Upstream:
         except OSError as exc:
             raise ConnectError(f"cannot connect to {self._origin}: {exc.strerror or exc}") from exc
         self._created += 1
+        conn._counted = True
         if conn._lost:
-            # Closed before create_connection returned: connection_lost already ran (and
-            # released the slot), the request will see the loss as a fresh connection's.
+            # Closed before create_connection returned (connection_lost already ran): give the
+            # slot back; the request sees the loss as a fresh connection's.
+            self._connection_lost(conn)
             return conn
         self._conns.add(conn)
         return conn

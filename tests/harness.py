@@ -103,8 +103,10 @@ class ControlPlane:
     def mint(self, vm_id: str, *args: str) -> str:
         return run("controlplane", "mint", vm_id, "--secret-file", str(self.secret_file), *args).stdout.strip()
 
-    def requests_seen(self) -> int:
-        count: int = httpx.get(f"{self.url}/_test/requests", timeout=5).json()["count"]
+    def requests_seen(self, path: str | None = None) -> int:
+        """Requests the control plane received; with `path`, only those for that path."""
+        params = {"path": path} if path is not None else None
+        count: int = httpx.get(f"{self.url}/_test/requests", params=params, timeout=5).json()["count"]
         return count
 
 

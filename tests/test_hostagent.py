@@ -6,8 +6,10 @@ Python), the store through its functions. Every CLI run checks that the token ne
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
+import io
 import json
 import os
 import sqlite3
@@ -17,12 +19,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
 from controlplane.tokens import fingerprint, mint
-from hostagent import store
+from hostagent import cli, store
 from hostagent.store import Access, Conflict, Entry, InvalidEntry, RegistryDamaged, Store, make_entry, parse_sync
 from metadata_proxy.registry import Registry
 
@@ -36,15 +39,34 @@ def token(sub: str = "vm-id", *, lifetime: int | None = 3600, now: int | None = 
 
 
 class Agent:
-    """Runs the hostagent CLI on one registry and remembers every token it was given."""
+    """Runs the hostagent CLI on one registry and remembers every token it was given.
 
-    def __init__(self, registry: Path) -> None:
+    `subprocess`: the installed script in a child process (exit status, stdio, no traceback
+    for real); otherwise `hostagent.cli.main` in this process with its stdio redirected,
+    which is the same code at a fraction of the start-up cost.
+    """
+
+    def __init__(self, registry: Path, *, subprocess: bool) -> None:
         self.registry = registry
+        self.subprocess = subprocess
         self.tokens: list[str] = []
 
     def __call__(self, *args: str, stdin: str | None = None, registry: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [HOSTAGENT, *(["--registry", str(self.registry)] if registry else []), *args]
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, check=False)
+        argv = [*(["--registry", str(self.registry)] if registry else []), *args]
+        if self.subprocess:
+            proc = subprocess.run(
+                [HOSTAGENT, *argv], input=stdin, capture_output=True, text=True, timeout=60, check=False
+            )
+        else:
+            out, err = io.StringIO(), io.StringIO()
+            saved = sys.stdin
+            sys.stdin = io.StringIO(stdin or "")
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    status = cli.main(argv)
+            finally:
+                sys.stdin = saved
+            proc = subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
         output = proc.stdout + proc.stderr
         assert "Traceback" not in output
         for secret in self.tokens:
@@ -61,16 +83,23 @@ class Agent:
         options = [arg for address in addresses for arg in ("--address", address)]
         return self("vm", "add", name, *options, "--token-file", "-", *extra, stdin=tok)
 
-    def list(self) -> list[dict[str, object]]:
+    def list(self) -> list[dict[str, Any]]:
         proc = self("vm", "list", "--json")
         assert proc.returncode == 0, proc.stderr
-        result: list[dict[str, object]] = json.loads(proc.stdout)
+        result: list[dict[str, Any]] = json.loads(proc.stdout)
         return result
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
-    return Agent(tmp_path / "state" / "registry.sqlite3")
+    """The CLI, in this process."""
+    return Agent(tmp_path / "state" / "registry.sqlite3", subprocess=False)
+
+
+@pytest.fixture
+def process(tmp_path: Path) -> Agent:
+    """The CLI as the installed script in a child process."""
+    return Agent(tmp_path / "state" / "registry.sqlite3", subprocess=True)
 
 
 def dump(path: Path) -> tuple[str, list[str]]:
@@ -98,13 +127,13 @@ def one_line_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> N
 # -- the CLI --------------------------------------------------------------------------------
 
 
-def test_add_list_show_remove(agent: Agent) -> None:
+def test_add_list_show_remove(process: Agent) -> None:
     tok = token("vm-0001")
-    proc = agent.add("web-1", "10.200.1.2", "FD00:200:1:0::2", tok=tok)
+    proc = process.add("web-1", "10.200.1.2", "FD00:200:1:0::2", tok=tok)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("web-1: added") and fingerprint(tok) in proc.stdout
 
-    listed = agent.list()
+    listed = process.list()
     assert listed == [
         {
             "name": "web-1",
@@ -115,40 +144,40 @@ def test_add_list_show_remove(agent: Agent) -> None:
             "token_exp": jwt.decode(tok, options={"verify_signature": False})["exp"],
         }
     ]
-    raw = agent("vm", "list", "--json").stdout
+    raw = process("vm", "list", "--json").stdout
     assert list(json.loads(raw)[0]) == KEYS  # sorted keys, stable names
 
-    show = agent("vm", "show", "web-1", "--json")
+    show = process("vm", "show", "web-1", "--json")
     assert show.returncode == 0 and json.loads(show.stdout) == listed[0]
-    human = agent("vm", "list")
+    human = process("vm", "list")
     assert "web-1" in human.stdout and fingerprint(tok) in human.stdout and "10.200.1.2,fd00:200:1::2" in human.stdout
-    human_show = agent("vm", "show", "web-1")
+    human_show = process("vm", "show", "web-1")
     assert "token_fingerprint: " + fingerprint(tok) in " ".join(human_show.stdout.split()).replace(":  ", ": ")
 
-    removed = agent("vm", "remove", "web-1")
+    removed = process("vm", "remove", "web-1")
     assert removed.returncode == 0 and removed.stdout.strip() == "web-1: removed"
-    again = agent("vm", "remove", "web-1")
+    again = process("vm", "remove", "web-1")
     assert again.returncode == 0 and again.stdout.strip() == "web-1: already absent"
-    assert agent.list() == []
-    missing = agent("vm", "show", "web-1")
+    assert process.list() == []
+    missing = process("vm", "show", "web-1")
     one_line_failure(missing, "web-1", "not registered")
 
 
-def test_token_comes_from_a_file_or_stdin_never_argv(agent: Agent, tmp_path: Path) -> None:
+def test_token_comes_from_a_file_or_stdin_never_argv(process: Agent, tmp_path: Path) -> None:
     tok = token("from-file")
-    agent.tokens.append(tok)
+    process.tokens.append(tok)
     path = tmp_path / "token"
     path.write_text(tok + "\n")
-    proc = agent("vm", "add", "a", "--address", "10.0.0.5", "--token-file", str(path))
+    proc = process("vm", "add", "a", "--address", "10.0.0.5", "--token-file", str(path))
     assert proc.returncode == 0, proc.stderr
-    assert agent.list()[0]["vm_id"] == "from-file"
+    assert process.list()[0]["vm_id"] == "from-file"
     # A token on the command line is refused without being echoed: no abbreviation of
     # --token-file, no unrecognised-argument message showing it, no "no such file: <token>".
     for args in (["--token", tok], ["--token-file", "-", "--token", tok], ["--token-file", tok]):
-        proc = agent("vm", "add", "b", "--address", "10.0.0.6", *args, stdin="")
+        proc = process("vm", "add", "b", "--address", "10.0.0.6", *args, stdin="")
         assert proc.returncode in (1, 2) and proc.stderr
-    assert [vm["name"] for vm in agent.list()] == ["a"]
-    unreadable = agent("vm", "add", "b", "--address", "10.0.0.6", "--token-file", str(tmp_path / "nope"))
+    assert [vm["name"] for vm in process.list()] == ["a"]
+    unreadable = process("vm", "add", "b", "--address", "10.0.0.6", "--token-file", str(tmp_path / "nope"))
     one_line_failure(unreadable, "token file", "nope")
 
 
@@ -162,10 +191,10 @@ def test_token_comes_from_a_file_or_stdin_never_argv(agent: Agent, tmp_path: Pat
         ["--config", "a.toml", "--registry", "b.sqlite3", "vm", "list"],
     ],
 )
-def test_usage_errors_exit_2(agent: Agent, args: list[str]) -> None:
-    proc = agent(*args, registry=False)
+def test_usage_errors_exit_2(process: Agent, args: list[str]) -> None:
+    proc = process(*args, registry=False)
     assert proc.returncode == 2
-    assert not agent.registry.exists()
+    assert not process.registry.exists()
 
 
 def test_an_address_held_by_another_vm_is_refused_naming_it(agent: Agent) -> None:
@@ -259,14 +288,14 @@ def test_reads_of_a_missing_registry_create_nothing(agent: Agent) -> None:
     assert not agent.registry.exists() and not agent.registry.parent.exists()
 
 
-def test_registry_file_modes_without_the_proxy_user(agent: Agent) -> None:
+def test_registry_file_modes_without_the_proxy_user(process: Agent) -> None:
     if store.proxy_access().gid is not None:
         pytest.skip("this machine has a metadata-proxy user or group")
-    assert agent.add("vm", "10.0.0.1").returncode == 0
-    assert stat.S_IMODE(agent.registry.stat().st_mode) == 0o600
-    assert stat.S_IMODE(agent.registry.parent.stat().st_mode) == 0o700
-    assert agent.registry.stat().st_uid == os.geteuid()
-    assert sorted(os.listdir(agent.registry.parent)) == ["registry.sqlite3"]  # no temporary left behind
+    assert process.add("vm", "10.0.0.1").returncode == 0
+    assert stat.S_IMODE(process.registry.stat().st_mode) == 0o600
+    assert stat.S_IMODE(process.registry.parent.stat().st_mode) == 0o700
+    assert process.registry.stat().st_uid == os.geteuid()
+    assert sorted(os.listdir(process.registry.parent)) == ["registry.sqlite3"]  # no temporary left behind
 
 
 def _some_other_group() -> int:
@@ -305,7 +334,8 @@ def test_registry_file_modes_with_the_proxy_group(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "schema", "foreign", "missing-table"])
-def test_a_damaged_registry_is_reported_and_never_replaced(agent: Agent, damage: str) -> None:
+def test_a_damaged_registry_is_reported_and_never_replaced(tmp_path: Path, damage: str) -> None:
+    agent = Agent(tmp_path / "state" / "registry.sqlite3", subprocess=damage == "garbage")
     assert agent.add("vm", "10.0.0.1").returncode == 0
     path = agent.registry
     if damage == "garbage":
@@ -335,20 +365,20 @@ def test_a_damaged_registry_is_reported_and_never_replaced(agent: Agent, damage:
     assert dump(path) == before
 
 
-def test_config_file_names_the_registry(agent: Agent, tmp_path: Path) -> None:
+def test_config_file_names_the_registry(process: Agent, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(
-        f'host_id = "h"\nregistry = "{agent.registry}"\nlisten = ["169.254.169.254:80"]\n'
+        f'host_id = "h"\nregistry = "{process.registry}"\nlisten = ["169.254.169.254:80"]\n'
         '[control_plane]\nurl = "https://cp.example"\n'
     )
     tok = token("cfg")
-    agent.tokens.append(tok)
+    process.tokens.append(tok)
     args = ["--config", str(config), "vm", "add", "vm", "--address", "10.0.0.1", "--token-file", "-"]
-    proc = agent(*args, stdin=tok, registry=False)
+    proc = process(*args, stdin=tok, registry=False)
     assert proc.returncode == 0, proc.stderr
-    assert agent.list()[0]["vm_id"] == "cfg"
+    assert process.list()[0]["vm_id"] == "cfg"
     config.write_text('host_id = "h"\nbogus = 1\n[control_plane]\nurl = "https://cp.example"\n')
-    one_line_failure(agent("--config", str(config), "vm", "list", registry=False), "bogus")
+    one_line_failure(process("--config", str(config), "vm", "list", registry=False), "bogus")
 
 
 # -- sync -----------------------------------------------------------------------------------
@@ -420,22 +450,22 @@ def test_sync_into_a_fresh_path_and_from_a_file(agent: Agent, tmp_path: Path) ->
     one_line_failure(agent("vm", "sync", str(tmp_path / "missing.jsonl")), "missing.jsonl")
 
 
-def test_sync_of_10000_vms(agent: Agent, tmp_path: Path) -> None:
+def test_sync_of_10000_vms(process: Agent, tmp_path: Path) -> None:
     now = int(time.time())
     lines = [
         sync_line(f"vm-{i:05d}", f"10.{i >> 8 & 255}.{i & 255}.2", f"fd00:1::{i:x}", tok=token(f"id-{i}", now=now))
         for i in range(10_000)
     ]
     start = time.monotonic()
-    proc = agent("vm", "sync", "-", stdin="\n".join(lines))
+    proc = process("vm", "sync", "-", stdin="\n".join(lines))
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "sync: 10000 added, 0 replaced, 0 removed, 0 unchanged"
     assert elapsed < 30  # loose: the 5 s target is measured in bench/, not here
     lines[17] = sync_line("vm-00017", "10.0.17.2", "fd00:1::11", tok=token("id-17-rotated", now=now))
-    changed = agent("vm", "sync", "-", stdin="\n".join(lines[1:]))
+    changed = process("vm", "sync", "-", stdin="\n".join(lines[1:]))
     assert changed.stdout.strip() == "sync: 0 added, 1 replaced, 1 removed, 9998 unchanged"
-    reader = Registry(str(agent.registry))
+    reader = Registry(str(process.registry))
     hit = reader.lookup("10.0.17.2")
     assert len(reader.vms) == 9999 and hit is not None and hit.vm_id == "id-17-rotated"
 

@@ -43,8 +43,8 @@ CLIENT = """
 import socket, sys
 family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 s = socket.socket(family, socket.SOCK_STREAM)
-s.settimeout(2)
-if len(sys.argv) > 2:
+s.settimeout(float(sys.argv[3]))
+if sys.argv[2]:
     s.bind((sys.argv[2], 0))
 try:
     s.connect((sys.argv[1], 80))
@@ -158,11 +158,9 @@ class VMNet:
     addr4: str
     addr6: str
 
-    def fetch(self, target: str = META4, source: str | None = None) -> str:
+    def fetch(self, target: str = META4, source: str | None = None, timeout: float = 3.0) -> str:
         """Connect from the guest to `target`:80 (optionally from `source`); what the server saw, or error: ..."""
-        argv = ["ip", "netns", "exec", self.guest, sys.executable, "-c", CLIENT, target]
-        if source is not None:
-            argv.append(source)
+        argv = ["ip", "netns", "exec", self.guest, sys.executable, "-c", CLIENT, target, source or "", str(timeout)]
         return sh(*argv).stdout.strip()
 
 
@@ -311,7 +309,7 @@ def test_a_guest_cannot_borrow_another_vms_address(
     sh("ip", "-n", one.guest, "addr", "add", f"{one.addr4}/32", "dev", "eth0")
     sh("ip", "-n", one.guest, "addr", "add", f"{one.addr6}/128", "dev", "eth0", "nodad")
     for target, source in ((META4, one.addr4), (META6, one.addr6)):
-        seen = one.fetch(target, source=source)
+        seen = one.fetch(target, source=source, timeout=1.0)
         assert seen == source or seen.startswith("error"), seen
     assert set(host.peers[start:]) == {one.addr4, one.addr6}
 
@@ -445,3 +443,17 @@ def test_sync_plumbs_changed_vms_and_reports_failures(
     assert proc.returncode == 0, proc.stderr
     assert "2 removed" in proc.stdout and "1 unchanged" in proc.stdout
     assert tables(two.vmns) == [] and tables(one.vmns) == [("inet", "metadata_proxy")]
+
+
+def test_replace_into_another_namespace_leaves_no_table_behind(
+    host: Host, topo: Topology, agent: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    old, new = topo.vm(), topo.vm()
+    add(agent, "vm", old)
+    token = mint("id-vm", SECRET)
+    proc = agent(
+        "vm", "add", "vm", "--address", new.addr4, "--token-file", "-", "--netns", new.vmns, "--replace", stdin=token
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert tables(old.vmns) == [] and tables(new.vmns) == [("inet", "metadata_proxy")]
+    assert new.fetch() == new.addr4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import select
 import socket
@@ -466,11 +467,11 @@ async def test_max_idle_bounds_the_idle_list() -> None:
 
 async def test_connection_refused_raises_connect_error_within_the_budget() -> None:
     with unused_port() as sock:
-        async with client(f"http://127.0.0.1:{sock.getsockname()[1]}", retry_budget=0.3) as up:
+        async with client(f"http://127.0.0.1:{sock.getsockname()[1]}", retry_budget=0.2) as up:
             started = time.monotonic()
             with pytest.raises(ConnectError, match="cannot connect"):
                 await get(up)
-            assert time.monotonic() - started < 0.3 + 1.0
+            assert time.monotonic() - started < 0.2 + 1.0
             assert up.connections_open == 0
 
 
@@ -479,7 +480,7 @@ async def test_server_that_starts_listening_during_the_budget_is_reached() -> No
     port = sock.getsockname()[1]
     async with client(f"http://127.0.0.1:{port}", retry_budget=5) as up:
         request = asyncio.ensure_future(get(up))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
         assert not request.done()
         async with serve(answer_all, sock=sock):
             assert await request == (200, b"GET /")
@@ -558,10 +559,8 @@ async def test_request_bodies_reach_starlette(control_plane: str) -> None:
             (pieces(), None, ("transfer_encoding", "chunked")),
             (pieces(), len(payload), ("content_length", str(len(payload)))),
         ]:
-            resp = await up.request("PUT", b"/echo", [(b"Content-Type", b"application/octet-stream")], body,
-                                    content_length=length)  # fmt: skip
-            import json
-
+            headers = [(b"Content-Type", b"application/octet-stream")]
+            resp = await up.request("PUT", b"/echo", headers, body, content_length=length)
             answer = json.loads(await resp.read())
             await resp.aclose()
             assert (answer["size"], answer["sha256"]) == (len(payload), expected)
@@ -599,7 +598,7 @@ async def test_large_response_streams_in_bounded_memory() -> None:
 
     async with serve(big) as srv, client(f"http://127.0.0.1:{srv.port}") as up:
         resp = await up.request("GET", b"/big", [])
-        await asyncio.sleep(0.3)  # a consumer that does not read: the server must stall
+        await asyncio.sleep(0.2)  # a consumer that does not read: the server must stall
         assert sent < 24 * MiB
         assert resp._buffered <= upstream_module._READ_HIGH_WATER + MiB
         digest = hashlib.sha256()
@@ -624,7 +623,7 @@ async def test_large_streamed_request_body_waits_for_the_server() -> None:
     async def slow_reader(peer: Peer) -> None:
         nonlocal produced_when_server_started_reading
         await peer.read_head()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
         produced_when_server_started_reading = produced
         async for chunk in peer.iter_chunked():
             server_digest.update(chunk)
@@ -796,6 +795,33 @@ async def test_unparseable_response_raises_protocol_error(garbage: bytes) -> Non
     assert len(srv.requests) == 1
 
 
+async def test_endless_response_head_is_refused() -> None:
+    async def endless_head(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):
+            await peer.send(b"X-Filler-%d: %b\r\n" % (i, b"f" * 100))
+
+    async with serve(endless_head) as srv, client(f"http://127.0.0.1:{srv.port}") as up:
+        with pytest.raises(ProtocolError, match="head larger than"):
+            await up.request("GET", b"/", [])
+
+
+async def test_abandoned_body_closes_the_connection() -> None:
+    async def big_then_small(peer: Peer) -> None:
+        while (req := await peer.read_request()) is not None:
+            await peer.send(ok(b"y" * (4 * MiB) if req.target == b"/big" else b"small"))
+
+    async with serve(big_then_small) as srv, client(f"http://127.0.0.1:{srv.port}") as up:
+        resp = await up.request("GET", b"/big", [])
+        await resp.iter_body().__anext__()
+        await resp.aclose()  # the rest of the body is still on its way: the connection cannot be reused
+        await resp.aclose()  # idempotent
+        assert await get(up, b"/small") == (200, b"small")
+        assert up.connections_created == 2
+    assert srv.connections == 2
+
+
 async def test_header_injection_is_refused_before_sending() -> None:
     async with serve(answer_all) as srv, client(f"http://127.0.0.1:{srv.port}") as up:
         for target, headers in [
@@ -832,11 +858,11 @@ async def test_stalled_body_times_out_between_reads() -> None:
     async def stall(peer: Peer) -> None:
         await peer.read_request()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
         await peer.send(b"second")  # a gap shorter than the timeout: fine
         await asyncio.sleep(10)
 
-    async with serve(stall) as srv, client(f"http://127.0.0.1:{srv.port}", timeout=0.3) as up:
+    async with serve(stall) as srv, client(f"http://127.0.0.1:{srv.port}", timeout=0.2) as up:
         resp = await up.request("GET", b"/", [])
         body = resp.iter_body()
         assert await body.__anext__() == b"first"
@@ -986,6 +1012,21 @@ async def test_mutual_tls_without_a_client_certificate_is_a_tls_error(ca: trustm
         await asyncio.to_thread(thread.join, 5)
         listener.close()
     assert outcome and "certificate" in str(outcome[0]).lower()
+
+
+async def test_stalled_tls_handshake_is_a_connect_timeout_and_not_retried(ca: trustme.CA) -> None:
+    async def mute(peer: Peer) -> None:
+        await asyncio.sleep(10)  # accepts the TCP connection, never answers the ClientHello
+
+    async with serve(mute) as srv:
+        url = f"https://127.0.0.1:{srv.port}"
+        async with client(url, ssl_context=client_context(ca), timeout=0.2, retry_budget=5) as up:
+            started = time.monotonic()
+            with pytest.raises(UpstreamTimeout, match="connecting"):
+                await get(up, idempotent=True)
+            assert time.monotonic() - started < 2.0
+            assert up.connections_open == 0
+    assert srv.connections == 1
 
 
 async def test_https_without_context_uses_the_system_trust_store(ca: trustme.CA) -> None:
