@@ -320,3 +320,497 @@ def check_forwarding(base: str, token: str, what: str) -> None:
         raise BenchError(f"{what} forwarded a request without `Metadata: true` (status {status})")
 
 
+# -- measuring ---------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    warmup: float  # seconds of discarded load before a target's first measured run
+    duration: float  # seconds per measured run
+    rounds: int
+
+
+@dataclass
+class Target:
+    label: str
+    url: str
+    pids: list[int]  # the server's processes, whose CPU time is counted
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    cpu_s: float  # the server's CPU time during the run
+    seconds: float
+    other: float  # cores busy outside the bench's own processes (other work, kernel threads)
+
+
+@dataclass
+class Result:
+    """The median of a target's rounds; CPU per request over all of them."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu: float  # cores, 1.0 = one core busy
+    cpu_us_per_request: float
+    other: float
+
+    @classmethod
+    def of(cls, samples: list[Sample]) -> Result:
+        return cls(
+            rps=statistics.median(s.rps for s in samples),
+            p50_ms=statistics.median(s.p50_ms for s in samples),
+            p99_ms=statistics.median(s.p99_ms for s in samples),
+            cpu=statistics.median(s.cpu_s / s.seconds for s in samples),
+            cpu_us_per_request=sum(s.cpu_s for s in samples) / sum(s.requests for s in samples) * 1e6,
+            other=max(s.other for s in samples),
+        )
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _latency_ms(text: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+    if not match:
+        raise BenchError(f"no {percentile}% latency in wrk's output:\n{text}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(url: str, connections: int, seconds: float, cpus: str | None) -> str:
+    """wrk's report; any failed request or non-2xx answer makes the run invalid."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-H", "Metadata: true", url]
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    out = result.stdout
+    if result.returncode != 0:
+        raise BenchError(f"wrk failed ({result.returncode}): {result.stderr.strip()}")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if "Non-2xx or 3xx responses" in out or (errors and any(int(n) for n in errors.groups())):
+        raise BenchError(f"wrk saw failed requests against {url}:\n{out}")
+    return out
+
+
+def busy_seconds() -> float:
+    """CPU time all CPUs spent on anything but idle, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Bench:
+    """The machine's layout for load: which CPUs wrk runs on, and the upstream's processes."""
+
+    def __init__(self, opts: Options, nginx_pids: list[int]) -> None:
+        self.opts = opts
+        self.nginx_pids = nginx_pids
+        self.wrk_cpus: str | None = None
+
+    def place(self, servers: list[int], pinned: bool) -> None:
+        """Pinned: the servers alone on CPU 0, nginx and wrk on CPU 1. Else: all CPUs for all."""
+        everything = os.sched_getaffinity(0)
+        set_cpus(servers, {0} if pinned else everything)
+        set_cpus(self.nginx_pids, {1} if pinned else everything)
+        self.wrk_cpus = "1" if pinned else None
+
+    def measure(self, target: Target, connections: int, seconds: float) -> Sample:
+        """One measured wrk run, with the server's CPU time and everyone else's around it."""
+        pids = [*target.pids, *self.nginx_pids]
+        own_before = [cpu_seconds(pid) for pid in pids]
+        busy_before, wrk_before, started = busy_seconds(), children_seconds(), time.monotonic()
+        out = wrk(target.url, connections, seconds, self.wrk_cpus)
+        elapsed = time.monotonic() - started
+        own = [cpu_seconds(pid) - before for pid, before in zip(pids, own_before, strict=True)]
+        ours = sum(own) + children_seconds() - wrk_before  # servers, nginx, wrk
+        sample = Sample(
+            rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+            p50_ms=_latency_ms(out, "50"),
+            p99_ms=_latency_ms(out, "99"),
+            requests=int(re.search(r"(\d+) requests in", out).group(1)),  # type: ignore[union-attr]
+            cpu_s=sum(own[: len(target.pids)]),
+            seconds=elapsed,
+            other=max(0.0, (busy_seconds() - busy_before - ours) / elapsed),
+        )
+        print(
+            f"  {target.label:<26} {connections:>2} conn {sample.rps:>8.0f} req/s  p50 {sample.p50_ms:7.3f} ms  "
+            f"p99 {sample.p99_ms:7.3f} ms  cpu {sample.cpu_s / elapsed:4.0%}  other load {sample.other:4.2f}",
+            flush=True,
+        )
+        return sample
+
+    def compare(self, targets: list[Target], connections: int) -> dict[str, Result]:
+        """Warm every target up, then run them in turn, round after round, so that each sees
+        the same moments of a machine that may be doing other work; the order flips each round."""
+        for target in targets:
+            wrk(target.url, connections, self.opts.warmup, self.wrk_cpus)
+        samples: dict[str, list[Sample]] = {target.label: [] for target in targets}
+        for n in range(self.opts.rounds):
+            for target in targets if n % 2 == 0 else targets[::-1]:
+                samples[target.label].append(self.measure(target, connections, self.opts.duration))
+        return {label: Result.of(runs) for label, runs in samples.items()}
+
+
+@dataclass
+class Stream:
+    seconds: float
+    rss_before: float
+    rss_peak: float
+
+
+def stream_big(base: str, pid: int | None) -> Stream:
+    """Fetch /runtime/big with curl, sampling the server's RSS while it streams."""
+    rss_before = rss_mb(pid) if pid else 0.0
+    peak = rss_before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:
+            peak = max(peak, rss_mb(pid))  # type: ignore[arg-type]
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if pid:
+        sampler.start()
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "100", "-H", "Metadata: true", "-o", "/dev/null"]
+            + ["-w", "%{http_code} %{size_download}", f"{base}/runtime/big"],
+            capture_output=True,
+            text=True,
+            timeout=110,
+        )
+    finally:
+        done.set()
+        if pid:
+            sampler.join(timeout=5)
+    seconds = time.monotonic() - started
+    if result.stdout.split() != ["200", str(BIG_BYTES)]:
+        raise BenchError(f"streaming {BIG_BYTES} bytes through {base} failed: {result.stdout} {result.stderr}")
+    return Stream(seconds, rss_before, peak)
+
+
+# -- the scenario -------------------------------------------------------------------------
+
+HAPROXY, PROXY, PROXY_MANY = "haproxy", "proxy", f"proxy, {SYNC_VMS:,} VMs"
+PROXY_W1, PROXY_W2 = "proxy, workers = 1", "proxy, workers = 2"
+PATH = "/runtime/bench/instance-identity"
+
+
+@dataclass
+class Results:
+    vs32: dict[str, Result]  # haproxy, proxy, proxy with SYNC_VMS; unpinned
+    vs1: dict[str, Result]  # haproxy, proxy; unpinned
+    pinned32: dict[str, Result] | None  # haproxy, proxy; pinned (None on one CPU)
+    pinned1: dict[str, Result] | None
+    sync_s: float
+    reload_ms: float
+    rss_one: float
+    rss_runs: list[float]  # the proxy with SYNC_VMS: after the runs above, then after each repeat
+    leak_seconds: float
+    stream_h: Stream
+    stream_p: Stream
+    scaling: dict[str, Result] | None
+    scaling_note: str
+
+
+def start_proxy(processes: Processes, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return processes.start([str(BIN / "metadata-proxy"), "serve", "--config", str(config)], stdout=log)
+
+
+def scenario(tmp: Path, processes: Processes, opts: Options) -> Results:
+    secret = secrets.token_bytes(32)
+    token = make_token("bench-0", secret)
+    with open(tmp / "big.bin", "wb") as f:
+        f.truncate(BIG_BYTES)  # sparse: costs no disk, nginx still sends every byte
+
+    nginx_port, haproxy_port = free_port(), free_port()
+    (tmp / "nginx.conf").write_text(nginx_config(tmp, nginx_port))
+    nginx_argv = ["nginx", "-e", str(tmp / "nginx-error.log"), "-p", str(tmp), "-c", str(tmp / "nginx.conf")]
+    nginx = processes.start(nginx_argv, stdout=tmp / "nginx.out")
+    wait_for_port(nginx_port, nginx, "nginx")
+
+    (tmp / "haproxy.cfg").write_text(haproxy_config(haproxy_port, nginx_port, token))
+    haproxy = processes.start(["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")], stdout=tmp / "haproxy.out")
+    wait_for_port(haproxy_port, haproxy, "haproxy")
+
+    # Two proxies on two registries, both with the one VM at first: `one` keeps it, `many`
+    # gets 10,000 VMs, and both are measured in the same rounds.
+    proxies = {}
+    for name in ("one", "many"):
+        registry = tmp / f"registry-{name}.sqlite3"
+        hostagent(registry, "vm", "add", "bench-0", "--address", "127.0.0.1", "--token-file", "-", stdin=token)
+        port = free_port()
+        process = start_proxy(
+            processes, proxy_config(tmp, f"proxy-{name}", port, nginx_port, registry, 1), tmp / f"proxy-{name}.log"
+        )
+        wait_for_port(port, process, "metadata-proxy")
+        proxies[name] = (f"http://127.0.0.1:{port}", process)
+    (pbase, proxy), (mbase, many) = proxies["one"], proxies["many"]
+    hbase = f"http://127.0.0.1:{haproxy_port}"
+    for base, what in ((hbase, "haproxy"), (pbase, "metadata-proxy"), (mbase, "metadata-proxy")):
+        check_forwarding(base, token, what)
+
+    # 10,000 VMs: the sync's wall time as the control plane sees it (a hostagent process,
+    # start-up included), then the first request, which reloads the proxy's snapshot.
+    lines = [json.dumps({"name": "bench-0", "address": "127.0.0.1", "token": token})]
+    for i in range(1, SYNC_VMS):
+        name = f"vm-{i:05d}"
+        address = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}"
+        lines.append(json.dumps({"name": name, "address": address, "token": make_token(name, secret)}))
+    (tmp / "sync.jsonl").write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    hostagent(tmp / "registry-many.sqlite3", "vm", "sync", str(tmp / "sync.jsonl"))
+    sync_s = time.monotonic() - started
+    started = time.monotonic()
+    status, _ = curl(mbase + PATH)
+    reload_ms = (time.monotonic() - started) * 1000
+    if status != 200:
+        raise BenchError(f"the proxy answered {status} after the {SYNC_VMS}-VM sync")
+    print(f"bench: vm sync of {SYNC_VMS} VMs: {sync_s:.2f} s; first request after it: {reload_ms:.0f} ms")
+
+    bench = Bench(opts, group_pids(nginx.pid))
+    servers = [haproxy.pid, proxy.pid, many.pid]
+    haproxy_t = Target(HAPROXY, hbase + PATH, [haproxy.pid])
+    proxy_t = Target(PROXY, pbase + PATH, [proxy.pid])
+    many_t = Target(PROXY_MANY, mbase + PATH, [many.pid])
+    print(f"bench: per target a {opts.warmup:g} s warm-up, then {opts.rounds} round(s) of {opts.duration:g} s")
+    print("bench: no CPU pinning", flush=True)
+    bench.place(servers, pinned=False)
+    vs32 = bench.compare([haproxy_t, proxy_t, many_t], 32)
+    vs1 = bench.compare([haproxy_t, proxy_t], 1)
+    pinned32 = pinned1 = None
+    if len(os.sched_getaffinity(0)) >= 2 and {0, 1} <= os.sched_getaffinity(0):
+        print("bench: pinned: haproxy and the proxy on CPU 0, nginx and wrk on CPU 1", flush=True)
+        bench.place(servers, pinned=True)
+        pinned32 = bench.compare([haproxy_t, proxy_t], 32)
+        pinned1 = bench.compare([haproxy_t, proxy_t], 1)
+        bench.place(servers, pinned=False)
+    rss_one = rss_mb(proxy.pid)
+
+    # Leaks: the 10,000-VM proxy's RSS after all the runs above, then after each of a few
+    # more runs, twice as long.
+    print("bench: repeated runs, no CPU pinning", flush=True)
+    rss_runs = [rss_mb(many.pid)]
+    for _ in range(LEAK_RUNS):
+        bench.measure(many_t, 32, opts.duration * 2)
+        rss_runs.append(rss_mb(many.pid))
+
+    stream_h = stream_big(hbase, None)
+    stream_p = stream_big(pbase, proxy.pid)
+    print(f"bench: 256 MiB: haproxy {stream_h.seconds:.2f} s, proxy {stream_p.seconds:.2f} s, ", end="")
+    print(f"proxy RSS {stream_p.rss_before:.1f} MB, peak {stream_p.rss_peak:.1f} MB", flush=True)
+
+    processes.stop(many)
+    processes.stop(haproxy)
+    scaling, note = workers_scaling(tmp, processes, bench, proxy_t, nginx_port)
+    return Results(
+        vs32, vs1, pinned32, pinned1, sync_s, reload_ms, rss_one, rss_runs, opts.duration * 2, stream_h, stream_p,
+        scaling, note,
+    )  # fmt: skip
+
+
+def workers_scaling(
+    tmp: Path, processes: Processes, bench: Bench, one_t: Target, nginx_port: int
+) -> tuple[dict[str, Result] | None, str]:
+    """workers = 1 against workers = 2 at 32 connections, unpinned: two workers need both cores."""
+    port = free_port()
+    config = proxy_config(tmp, "proxy-w2", port, nginx_port, tmp / "registry-one.sqlite3", workers=2)
+    two = start_proxy(processes, config, tmp / "proxy-w2.log")
+    try:
+        wait_for_port(port, two, "metadata-proxy (workers = 2)")
+    except BenchError as exc:
+        processes.stop(two)
+        print(f"bench: workers=2: not supported yet ({exc})", flush=True)
+        return None, "not supported yet (the proxy does not start with workers = 2)"
+    # However the workers come to be (fork, spawn), they are in the proxy's process group.
+    deadline = time.monotonic() + 5
+    while len(pids := group_pids(two.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if len(pids) < 2:
+        processes.stop(two)
+        print("bench: workers=2: not supported yet (one process serves)", flush=True)
+        return None, "not supported yet (one process serves)"
+    print("bench: workers = 2 against workers = 1, no CPU pinning", flush=True)
+    two_t = Target(PROXY_W2, f"http://127.0.0.1:{port}{PATH}", pids)
+    results = bench.compare([replace(one_t, label=PROXY_W1), two_t], 32)
+    processes.stop(two)
+    return results, f"{len(pids)} processes in the workers = 2 proxy's group"
+
+
+def machine() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        text = (done.stdout or done.stderr).strip()
+        return text.splitlines()[0] if text else "?"
+
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD"], capture_output=True).returncode:
+        commit += " + uncommitted changes"
+    libs = ", ".join(f"{name} {version(name)}" for name in ("uvicorn", "uvloop", "httptools", "prometheus-client"))
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "CPUs": f"{os.cpu_count()} × {model}",
+        "kernel": platform.release(),
+        "metadata-proxy": f"{version('metadata-proxy')} ({commit}), Python {platform.python_version()}, {libs}",
+        "haproxy": first_line(["haproxy", "-v"]).split(" - ")[0],
+        "nginx": first_line(["nginx", "-v"]).removeprefix("nginx version: "),
+        "wrk": first_line(["wrk", "-v"]).split(" Copyright")[0],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short round per target: for trying the bench")
+    parser.add_argument("--output", default=str(RESULTS), help="where to write the markdown (default: %(default)s)")
+    args = parser.parse_args(argv)
+    opts = Options(warmup=1, duration=2, rounds=1) if args.quick else Options(warmup=2, duration=4, rounds=3)
+
+    # SIGTERM/SIGHUP become SystemExit, so the `finally` below stops everything.
+    def exit_on(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, exit_on)
+    processes = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="metadata-proxy-bench-"))
+    try:
+        results = scenario(tmp, processes, opts)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        processes.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = render(machine(), opts, args.quick, results)
+    Path(args.output).write_text(report)
+    print()
+    print(report, end="")
+    print(f"(written to {args.output})")
+    return 0
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "**pass**" if ok else "**FAIL**"
+
+
+def render(info: dict[str, str], opts: Options, quick: bool, r: Results) -> str:
+    h32, p32, m32 = r.vs32[HAPROXY], r.vs32[PROXY], r.vs32[PROXY_MANY]
+    h1, p1 = r.vs1[HAPROXY], r.vs1[PROXY]
+    out: list[str] = []
+    add = out.append
+    add("## Benchmark: metadata-proxy beside haproxy\n")
+    add("Produced by `bench/run`" + (" --quick (short runs: not for the README)" if quick else "") + ".\n")
+    for key, value in info.items():
+        add(f"- {key}: {value}")
+    add(
+        f"- load: wrk (1 thread) on loopback; per target a {opts.warmup:g} s warm-up, then {opts.rounds} "
+        f"round(s) of {opts.duration:g} s taken in turn with the other targets; medians shown"
+    )
+    add("- haproxy: nbthread 1, no log; metadata-proxy: workers = 1, access log on (to a file)")
+    every = [*r.vs32.values(), *r.vs1.values(), *(r.pinned32 or {}).values(), *(r.pinned1 or {}).values()]
+    other = max(result.other for result in every)
+    add(f"- CPU busy outside the bench's own processes during the runs: at most {other:.2f} cores")
+    if other > 0.25:
+        add("  (other work on the machine disturbed the runs: the ratios hold better than the absolute numbers)")
+    add("")
+
+    add("No CPU pinning (the bars are judged here):\n")
+    add("| | haproxy | metadata-proxy | proxy / haproxy | bar | |")
+    add("|---|---:|---:|---:|---:|---|")
+
+    def row(label: str, h: float, p: float, fmt: str, bar: str = "", ok: bool | None = None) -> None:
+        add(f"| {label} | {h:{fmt}} | {p:{fmt}} | {p / h:.2f} | {bar} | {'' if ok is None else verdict(ok)} |")
+
+    row("req/s, 32 connections", h32.rps, p32.rps, ",.0f", f"≥ {BAR_THROUGHPUT}", p32.rps / h32.rps >= BAR_THROUGHPUT)
+    row("p50 ms, 32 connections", h32.p50_ms, p32.p50_ms, ".3f")
+    row("p99 ms, 32 connections", h32.p99_ms, p32.p99_ms, ".3f")
+    row("server CPU, 32 connections (1.00 = one core)", h32.cpu, p32.cpu, ".2f")
+    row("server CPU µs per request, 32 connections", h32.cpu_us_per_request, p32.cpu_us_per_request, ".1f")
+    row("req/s, 1 connection", h1.rps, p1.rps, ",.0f")
+    row("p50 ms, 1 connection", h1.p50_ms, p1.p50_ms, ".3f", f"≤ {BAR_P50}", p1.p50_ms / h1.p50_ms <= BAR_P50)
+    row("p99 ms, 1 connection", h1.p99_ms, p1.p99_ms, ".3f")
+    row("256 MiB response streamed, seconds", r.stream_h.seconds, r.stream_p.seconds, ".2f")
+    add("")
+
+    if r.pinned32 and r.pinned1:
+        add("Pinned, for reference (haproxy and the proxy alone on CPU 0; nginx and wrk on CPU 1):\n")
+        add("| | haproxy | metadata-proxy | proxy / haproxy |")
+        add("|---|---:|---:|---:|")
+        for label, results, attr, fmt in (
+            ("req/s, 32 connections", r.pinned32, "rps", ",.0f"),
+            ("server CPU, 32 connections", r.pinned32, "cpu", ".2f"),
+            ("p50 ms, 1 connection", r.pinned1, "p50_ms", ".3f"),
+            ("p99 ms, 1 connection", r.pinned1, "p99_ms", ".3f"),
+        ):
+            h, p = getattr(results[HAPROXY], attr), getattr(results[PROXY], attr)
+            add(f"| {label} | {h:{fmt}} | {p:{fmt}} | {p / h:.2f} |")
+        add("")
+
+    add("| metadata-proxy | value | bar | |")
+    add("|---|---:|---:|---|")
+
+    def line(label: str, value: str, bar: str = "", ok: bool | None = None) -> None:
+        add(f"| {label} | {value} | {bar} | {'' if ok is None else verdict(ok)} |")
+
+    line(f"`hostagent vm sync` of {SYNC_VMS:,} VMs", f"{r.sync_s:.2f} s", f"≤ {BAR_SYNC_S:g} s", r.sync_s <= BAR_SYNC_S)
+    line("first request after that sync (snapshot reload)", f"{r.reload_ms:.0f} ms")
+    change = m32.rps / p32.rps - 1
+    line(
+        f"req/s, 32 connections, {SYNC_VMS:,} VMs (same rounds as 1 VM)",
+        f"{m32.rps:,.0f} ({change:+.1%} vs 1 VM)",
+        f"within {BAR_MANY_VMS:.0%}",
+        abs(change) <= BAR_MANY_VMS,
+    )
+    rss_bar, rss_many = f"≤ {BAR_RSS_MB:g} MB", r.rss_runs[0]
+    line("RSS, 1 VM (after the runs)", f"{r.rss_one:.1f} MB", rss_bar, r.rss_one <= BAR_RSS_MB)
+    line(f"RSS, {SYNC_VMS:,} VMs (after the runs)", f"{rss_many:.1f} MB", rss_bar, rss_many <= BAR_RSS_MB)
+    growth = r.stream_p.rss_peak - r.stream_p.rss_before
+    stream_bar = f"≤ {BAR_STREAM_MB:g} MB"
+    line("256 MiB response streamed: RSS growth (peak)", f"{growth:+.1f} MB", stream_bar, growth <= BAR_STREAM_MB)
+    leak = r.rss_runs[-1] - r.rss_runs[0]
+    line(
+        f"RSS ({SYNC_VMS:,} VMs), then after each of {LEAK_RUNS} more {r.leak_seconds:g} s runs",
+        " → ".join(f"{rss:.1f}" for rss in r.rss_runs) + f" MB ({leak:+.1f})",
+        f"no growth (< {BAR_LEAK_MB:g} MB)",
+        leak < BAR_LEAK_MB,
+    )
+    if r.scaling:
+        one, two = r.scaling[PROXY_W1], r.scaling[PROXY_W2]
+        line(
+            "workers = 2: req/s, 32 connections, no pinning",
+            f"{two.rps:,.0f} = {two.rps / one.rps:.2f}× workers = 1 ({one.rps:,.0f}); {r.scaling_note}",
+        )
+    else:
+        line("workers = 2", r.scaling_note)
+    add("")
+    add("MB = 10^6 bytes, from VmRSS. Latencies are wrk's, in milliseconds.")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

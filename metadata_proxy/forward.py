@@ -42,7 +42,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-metadata-token",
     b"x-metadata-token-ttl-seconds",
 }
-_RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id"}
+# `date` too: uvicorn (date_header, on by default) writes its own on every answer, and a
+# second Date would make the one field that must be single ambiguous.
+_RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id", b"date"}
 
 # Upstream failure -> what the guest gets. A subclass maps like its base unless listed.
 UPSTREAM_FAILURES: dict[type[upstream.UpstreamError], Refusal] = {

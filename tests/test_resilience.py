@@ -216,6 +216,7 @@ def test_cache_serves_for_max_age_with_age(proxy: Proxy, shared_vm: str) -> None
     assert second.headers["age"] == "1"
     assert second.headers["x-request-id"] != first.headers["x-request-id"]
     assert int(second.headers["content-length"]) == len(second.content)
+    assert len(first.headers.get_list("date")) == len(second.headers.get_list("date")) == 1  # ours, not two
     assert served(third) > served(first)  # stale after max-age: fetched again
     assert "age" not in third.headers
 
