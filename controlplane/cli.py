@@ -127,18 +127,20 @@ def _mint(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="controlplane", description="Runtime tokens and the reference runtime API.")
+    parser = argparse.ArgumentParser(
+        prog="controlplane", allow_abbrev=False, description="Runtime tokens and the reference runtime API."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     secret_help = "the secret in FILE, named KID when given; repeat for rotation (the first one mints)"
 
-    serve = commands.add_parser("serve", help="serve the reference runtime API")
+    serve = commands.add_parser("serve", allow_abbrev=False, help="serve the reference runtime API")
     serve.add_argument("--listen", required=True, type=_listen_address, metavar="HOST:PORT")
     serve.add_argument("--secret-file", required=True, action="append", metavar="[KID:]FILE", help=secret_help)
     serve.add_argument("--vms", type=Path, metavar="FILE", help="only the VM ids listed here exist (re-read on change)")
     serve.add_argument("--max-age", type=_positive_int, metavar="SECONDS", help="refuse tokens older than this")
     serve.set_defaults(run=_serve)
 
-    mint_ = commands.add_parser("mint", help="print a runtime token for VM_ID on stdout")
+    mint_ = commands.add_parser("mint", allow_abbrev=False, help="print a runtime token for VM_ID on stdout")
     mint_.add_argument("vm_id", metavar="VM_ID")
     mint_.add_argument("--secret-file", required=True, action="append", metavar="[KID:]FILE", help=secret_help)
     mint_.add_argument("--lifetime", type=_positive_int, metavar="SECONDS", help="set exp this many seconds ahead")

@@ -169,13 +169,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metadata-proxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="metadata-proxy", allow_abbrev=False, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, text in (
         ("serve", cmd_serve, "serve guests and the admin endpoint"),
         ("check-config", cmd_check_config, "validate the config and the files it names"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands.add_parser(name, allow_abbrev=False, help=text)
         sub.add_argument("--config", default=DEFAULT_PATH, metavar="FILE", help=f"default {DEFAULT_PATH}")
         sub.set_defaults(func=func)
     demo = commands.add_parser("demo", help="the reference control plane and the proxy on loopback")

@@ -26,6 +26,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
 SCHEMA_VERSION = 1
 
@@ -79,8 +80,8 @@ def canonical_address(text: str) -> str:
 
 def connect_readonly(path: str) -> sqlite3.Connection:
     """Open the registry read-only: the proxy runs without write access to it."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2, check_same_thread=False)
-    return conn
+    uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # quoted: '?', '#', '%' are legal in paths
+    return sqlite3.connect(uri, uri=True, timeout=0.2, check_same_thread=False)
 
 
 def connect_readwrite(path: str) -> sqlite3.Connection:
@@ -94,8 +95,11 @@ def connect_readwrite(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = DELETE")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:
-        conn.executescript(SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            conn.close()
+            raise RegistryUnavailable(f"{path}: an SQLite file, but not a registry of ours")
+        # One transaction: a reader never sees the tables without the version, or half of them.
+        conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
     elif version != SCHEMA_VERSION:
         conn.close()
         raise RegistryUnavailable(f"{path}: schema version {version}, this program knows {SCHEMA_VERSION}")

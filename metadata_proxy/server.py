@@ -1,9 +1,11 @@
 """The service's lifecycle: sockets (bound or passed by systemd), two uvicorn servers (guest
-and admin) on one event loop, sd_notify, SIGHUP reload and SIGTERM drain.
+and admin) on one event loop, sd_notify, SIGHUP reload and SIGTERM drain; and, with
+`workers` > 1, the supervisor that forks the workers and speaks for them to systemd.
 
-Signal handlers only record what was asked; `ProxyServer.run` acts on it in order. We
-drive uvicorn's `startup`/`main_loop`/`shutdown` ourselves instead of `serve()` because
-`serve()` owns SIGTERM/SIGINT and re-raises them before our own shutdown steps could run.
+Signal handlers only record what was asked; `ProxyServer.run` (and `Supervisor.run`)
+act on it in order. We drive uvicorn's `startup`/`main_loop`/`shutdown` ourselves instead
+of `serve()` because `serve()` owns SIGTERM/SIGINT and re-raises them before our own
+shutdown steps could run.
 """
 
 from __future__ import annotations
@@ -16,21 +18,27 @@ import logging
 import os
 import secrets
 import signal
+import selectors
 import socket
-from collections import Counter
+import sys
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, NoReturn
 
 import uvicorn
+import uvloop
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from . import guards, systemd
 from .admin import UpstreamProbe, create_admin_app
 from .app import ProxyApp
 from .config import Config, ConfigError, ListenAddress, check_input_files, load_config
+from . import upstream
 from .forward import build_client
 from .logs import AccessLog
+from .metrics import Metrics, forget_process
 from .registry import Registry
 from .sessions import SessionTokens
 
@@ -57,6 +65,22 @@ MIN_CONNECTIONS_PER_PEER = 32
 # An old upstream client is closed this long after a reload replaced it, so the requests
 # still using it finish first.
 OLD_CLIENT_GRACE = DRAIN_SECONDS
+# The rest of the shutdown after the guest drain; all of it stays under TimeoutStopSec.
+ADMIN_DRAIN_SECONDS = 2.0
+CLIENT_CLOSE_SECONDS = 2.0
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+# The supervisor (workers > 1).
+READY_MESSAGE = b"R"  # worker to supervisor: serving (at start-up, and after each reload)
+SUPERVISOR_TICK = 1.0
+# More worker deaths than this within the window and the supervisor stops restarting them.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+EXIT_GAVE_UP = 1
+# A worker that has not confirmed a reload by then no longer holds READY=1 back.
+RELOAD_SECONDS = 10.0
+# A worker's drain and its last steps; then it is killed. Under TimeoutStopSec (30 s).
+STOP_SECONDS = DRAIN_SECONDS + 6.0
 
 
 def bind_listen(entry: ListenAddress) -> socket.socket:
@@ -219,7 +243,9 @@ class GuestProtocol(HttpToolsProtocol):
             )
 
 
-def _uvicorn_config(app: object, protocol: type[asyncio.Protocol] | None = None) -> uvicorn.Config:
+def _uvicorn_config(
+    app: object, protocol: type[asyncio.Protocol] | None = None, drain: float = DRAIN_SECONDS
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         loop="none",
@@ -231,22 +257,40 @@ def _uvicorn_config(app: object, protocol: type[asyncio.Protocol] | None = None)
         access_log=False,
         log_config=None,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
-        timeout_graceful_shutdown=int(DRAIN_SECONDS),
+        timeout_graceful_shutdown=int(drain),
     )
 
 
+def keep_fixed(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with the running values of the keys only a restart changes (the sockets are
+    open, the workers forked), and the names of those that differed."""
+    fixed = [key for key in ("listen", "admin_listen", "workers") if getattr(new, key) != getattr(running, key)]
+    kept = replace(new, listen=running.listen, admin_listen=running.admin_listen, workers=running.workers)
+    return kept, fixed
+
+
 class ProxyServer:
+    """One process serving guests (and, unless `admin_socket` is None, the admin endpoint).
+
+    Alone (`workers = 1`) it talks to systemd itself. As a worker of a `Supervisor` it gets
+    a disabled notifier and the `supervisor` channel instead: it writes READY_MESSAGE there
+    when it starts serving and when it finishes a reload, stops when the channel closes
+    (the supervisor is gone), and leaves counting reloads to the supervisor.
+    """
+
     def __init__(
         self,
         config: Config,
         *,
         config_path: str | None,
         guest_sockets: list[socket.socket],
-        admin_socket: socket.socket,
+        admin_socket: socket.socket | None,
         notifier: systemd.Notifier,
         sessions: SessionTokens | None = None,
         access_log: AccessLog | None = None,
+        metrics: Metrics | None = None,
         on_ready: Callable[[], None] | None = None,
+        supervisor: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -255,10 +299,14 @@ class ProxyServer:
         self.notifier = notifier
         self.sessions = sessions
         self.access_log = access_log
+        self.metrics = metrics
         self.on_ready = on_ready
+        self.supervisor = supervisor
         self._wake = asyncio.Event()
         self._stop = False
         self._reload = False
+        # Upstream clients a reload replaced, closed once their requests had time to finish.
+        self._retired: set[upstream.Upstream] = set()
 
     # Signal handlers: record the wish, wake the main loop, nothing else.
     def request_stop(self) -> None:
@@ -274,6 +322,11 @@ class ProxyServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        # A worker is forked with these blocked, so that one sent before the handlers above
+        # existed waits instead of being lost; in a lone process this changes nothing.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        if self.supervisor is not None:
+            loop.add_reader(self.supervisor.fileno(), self._from_supervisor)
 
         extra = [address for sock in self.guest_sockets if (address := socket_listen_address(sock))]
         self.app = ProxyApp(
@@ -281,27 +334,37 @@ class ProxyServer:
             registry=Registry(self.config.registry),
             client=build_client(self.config.control_plane),
             sessions=self.sessions,
+            metrics=self.metrics,
             access_log=self.access_log,
             extra_listen=extra,
             close_connections=self.close_connections,
         )
-        self.probe = UpstreamProbe(self.app)
         protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app, "open_by_peer": Counter()})
         self.guest = uvicorn.Server(_uvicorn_config(self.app, protocol))
-        admin_config = _uvicorn_config(create_admin_app(self.app, self.probe))
-        admin_config.lifespan = "off"
-        self.admin = uvicorn.Server(admin_config)
+        servers = [self.guest]
+        self.admin: uvicorn.Server | None = None
+        prober: asyncio.Task[None] | None = None
+        if self.admin_socket is not None:
+            self.probe = UpstreamProbe(self.app)
+            # Scrapes and health checks are quick: the admin endpoint's drain is short, so
+            # the whole shutdown stays within systemd's TimeoutStopSec.
+            admin_config = _uvicorn_config(create_admin_app(self.app, self.probe), drain=ADMIN_DRAIN_SECONDS)
+            admin_config.lifespan = "off"
+            self.admin = uvicorn.Server(admin_config)
+            servers.append(self.admin)
 
-        for server in (self.guest, self.admin):
+        for server in servers:
             server.config.load()
             server.lifespan = server.config.lifespan_class(server.config)
         await self.guest.startup(sockets=self.guest_sockets)
-        await self.admin.startup(sockets=[self.admin_socket])
+        if self.admin is not None and self.admin_socket is not None:
+            await self.admin.startup(sockets=[self.admin_socket])
+            prober = asyncio.create_task(self.probe.run())
         ticker = asyncio.create_task(self.guest.main_loop())  # uvicorn's Date header upkeep
-        prober = asyncio.create_task(self.probe.run())
         names = ", ".join(str(socket_listen_address(s) or s.getsockname()) for s in self.guest_sockets)
-        log.info("serving guests on %s, admin on %s, pid %d", names, self.config.admin_listen, os.getpid())
-        self.notifier.ready()
+        admin = self.config.admin_listen if self.admin is not None else "another worker"
+        log.info("serving guests on %s, admin on %s, pid %d", names, admin, os.getpid())
+        self._ready()
         if self.on_ready is not None:
             self.on_ready()
 
@@ -316,23 +379,53 @@ class ProxyServer:
         # 1. tell systemd, so it does not count the drain as a hang;
         self.notifier.stopping()
         log.info("stopping: draining in-flight requests for up to %.0f s", DRAIN_SECONDS)
-        # 2. stop accepting and let in-flight guest requests finish (bounded by DRAIN_SECONDS);
+        # 2. stop accepting (the listening sockets close: new connections are refused) and
+        #    let in-flight guest requests finish, bounded by DRAIN_SECONDS;
         self.guest.should_exit = True
         await ticker
         await self.guest.shutdown()
         # 3. the admin endpoint goes last, so /healthz answers during the drain;
-        self.admin.should_exit = True
-        await self.admin.shutdown()
-        # 4. nothing uses the upstream client any more.
-        prober.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await prober
-        await self.app.client.aclose()
+        if self.admin is not None:
+            self.admin.should_exit = True
+            await self.admin.shutdown()
+        # 4. nothing uses the upstream clients any more: close them, the current one and
+        #    any a reload retired less than OLD_CLIENT_GRACE ago.
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
+        for client in (*self._retired, self.app.client):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
+                    await client.aclose()
         log.info("stopped")
+
+    def _ready(self) -> None:
+        """Serving (at start-up, and again after a reload): tell systemd or the supervisor."""
+        self.notifier.ready()
+        if self.supervisor is not None:
+            with contextlib.suppress(OSError):
+                self.supervisor.send(READY_MESSAGE)
+
+    def _from_supervisor(self) -> None:
+        try:
+            data = self.supervisor.recv(64) if self.supervisor is not None else b""
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data and not self._stop:
+            # Nothing else would ever stop this worker: without its supervisor, its sockets
+            # and this process would outlive the service.
+            log.error("the supervisor is gone; stopping")
+            asyncio.get_running_loop().remove_reader(self.supervisor.fileno())  # type: ignore[union-attr]
+            self.request_stop()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and apply it to requests that begin from now on."""
         self.notifier.reloading()
+        # Under a supervisor, it counts reloads once for the service (it validated this one).
+        counted = self.supervisor is None
         try:
             if self.config_path is None:
                 raise ConfigError("no config file to reload (started without --config)")
@@ -341,25 +434,31 @@ class ProxyServer:
             client = build_client(new.control_plane) if new.control_plane != self.config.control_plane else None
         except (ConfigError, OSError, ValueError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
-            self.app.metrics.reloads.labels("refused").inc()
-            self.notifier.ready()
+            if counted:
+                self.app.metrics.reloads.labels("refused").inc()
+            self._ready()
             return
-        fixed = [key for key in ("listen", "admin_listen", "workers") if getattr(new, key) != getattr(self.config, key)]
+        new, fixed = keep_fixed(self.config, new)
         if fixed:
             log.warning("reload: %s change only on restart; keeping the running values", ", ".join(fixed))
-            new = replace(
-                new, listen=self.config.listen, admin_listen=self.config.admin_listen, workers=self.config.workers
-            )
         old_client = self.app.client
         if new.registry != self.config.registry:
             self.app.registry = Registry(new.registry)
         self.app.configure(new, client or old_client)
         if client is not None:
-            asyncio.get_running_loop().call_later(OLD_CLIENT_GRACE, lambda: asyncio.ensure_future(old_client.aclose()))
+            self._retired.add(old_client)
+            asyncio.get_running_loop().call_later(OLD_CLIENT_GRACE, self._close_retired, old_client)
         self.config = new
-        self.app.metrics.reloads.labels("applied").inc()
+        if counted:
+            self.app.metrics.reloads.labels("applied").inc()
         log.info("reloaded %s", self.config_path)
-        self.notifier.ready()
+        self._ready()
+
+    def _close_retired(self, client: upstream.Upstream) -> None:
+        if client in self._retired:
+            self._retired.discard(client)
+            task = asyncio.ensure_future(client.aclose())
+            task.add_done_callback(lambda done: done.exception())  # nothing to do on failure
 
     def close_connections(self, addresses: set[str], generation: int) -> int:
         """Close the guest connections from `addresses` accepted before registry `generation`
@@ -389,3 +488,311 @@ def open_sockets(config: Config, environ: Mapping[str, str]) -> tuple[list[socke
             sock.close()
         raise
     return guest, admin
+
+
+# -- workers > 1: the supervisor ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Worker:
+    slot: int  # slot 0 also serves the admin endpoint
+    pid: int
+    channel: socket.socket  # the supervisor's end
+    ready: bool = False
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+class Supervisor:
+    """`workers` > 1: the main process forks the workers and watches over them.
+
+    It holds what the workers share and is the one systemd hears from (the unit's
+    `NotifyAccess=main`):
+
+    - the listening sockets (systemd's or bound), inherited by every worker: the kernel
+      hands each new connection to one of the workers waiting on them;
+    - the session-token key, drawn before the first fork, so that every worker accepts a
+      token another one issued;
+    - READY=1 once every worker has reported ready on its channel; RELOADING=1 and READY=1
+      around a reload, which the supervisor validates first and then forwards as SIGHUP to
+      every worker; STOPPING=1 and the ordered stop of `_shutdown`.
+
+    Worker 0 also serves the admin endpoint; its /metrics sums the values of every process
+    (prometheus-client's multiprocess mode, files in `metrics_dir`). A worker that dies is
+    replaced, worker 0 with the admin socket, which stays open here meanwhile (scrapes wait
+    in its backlog), unless more than RESTART_LIMIT died within RESTART_WINDOW: restarting
+    is then not fixing it, and the service fails (exit 1) for systemd's Restart= to handle.
+
+    Signal handlers only set flags; the wakeup fd makes the loop notice them at once.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str,
+        guest_sockets: list[socket.socket],
+        admin_socket: socket.socket,
+        notifier: systemd.Notifier,
+        metrics_dir: str,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.guest_sockets = guest_sockets
+        self.admin_socket = admin_socket
+        self.notifier = notifier
+        self.metrics_dir = metrics_dir
+        # Drawn before any fork: one key for every worker.
+        self.sessions = SessionTokens()
+        # The supervisor's own share of the metrics: reloads, counted once for the service.
+        self.metrics = Metrics(multiprocess_dir=metrics_dir)
+        self.workers: dict[int, _Worker] = {}
+        self._deaths: deque[float] = deque()
+        self._stop = False
+        self._reload = False
+        self._announced = False  # READY=1 sent for the start-up
+        self._reload_waiting: set[int] | None = None  # workers yet to confirm the current reload
+        self._reload_deadline = 0.0
+        self._exit_code = 0
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self._stop = True
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self._reload = True
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 after giving up on the workers."""
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        # Only so that a worker's death wakes the loop (through the wakeup fd); _reap acts.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        log.info("supervisor pid %d: starting %d workers", os.getpid(), self.config.workers)
+        try:
+            for slot in range(self.config.workers):
+                self._spawn(slot)
+            while not self._stop:
+                self._poll(SUPERVISOR_TICK)
+                self._step()
+        finally:
+            self._shutdown()
+        return self._exit_code
+
+    def _poll(self, timeout: float) -> None:
+        """Wait for a signal or a worker's message, read what came, reap dead workers."""
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 512):
+                        pass
+            else:
+                self._from_worker(key.data)
+        self._reap()
+
+    def _from_worker(self, worker: _Worker) -> None:
+        try:
+            data = worker.channel.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The worker is gone or going: _reap replaces it once it can be waited for.
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(worker.channel)
+            return
+        if READY_MESSAGE in data:  # started serving, or done reloading
+            worker.ready = True
+            if self._reload_waiting is not None:
+                self._reload_waiting.discard(worker.pid)
+
+    def _step(self) -> None:
+        if not self._announced and len(self.workers) == self.config.workers:
+            if all(worker.ready for worker in self.workers.values()):
+                self._announced = True
+                log.info("ready: %d workers serving", len(self.workers))
+                self.notifier.ready()
+        if self._reload_waiting is not None:
+            late = self._reload_waiting
+            if not late or time.monotonic() > self._reload_deadline:
+                if late:
+                    pids = ", ".join(str(pid) for pid in sorted(late))
+                    log.warning("reload: worker pid(s) %s did not confirm within %.0f s", pids, RELOAD_SECONDS)
+                log.info("reloaded %s in %d workers", self.config_path, len(self.workers))
+                self._reload_waiting = None
+                self.notifier.ready()
+        # One reload at a time, and none before the service is up.
+        if self._reload and self._announced and self._reload_waiting is None:
+            self._reload = False
+            self._begin_reload()
+
+    def _begin_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            check_input_files(new)
+            build_client(new.control_plane)  # the checks each worker's reload makes (TLS files)
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.metrics.reloads.labels("refused").inc()
+            self.notifier.ready()
+            return
+        # Workers forked from now on start with it; the running ones re-read the file.
+        self.config, _ = keep_fixed(self.config, new)
+        self.metrics.reloads.labels("applied").inc()
+        self._reload_waiting = {pid for pid, worker in self.workers.items() if worker.ready}
+        self._reload_deadline = time.monotonic() + RELOAD_SECONDS
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(worker.channel)
+            worker.channel.close()
+            forget_process(pid, self.metrics_dir)  # its in-flight gauge no longer counts
+            if self._reload_waiting is not None:
+                self._reload_waiting.discard(pid)
+            if self._stop:
+                continue  # stopping: every worker is meant to exit
+            now = time.monotonic()
+            self._deaths.append(now)
+            while self._deaths[0] < now - RESTART_WINDOW:
+                self._deaths.popleft()
+            how = _describe(status)
+            if len(self._deaths) > RESTART_LIMIT:
+                log.error(
+                    "worker %d (pid %d) died: %s; %d deaths within %.0f s, giving up",
+                    worker.slot,
+                    pid,
+                    how,
+                    len(self._deaths),
+                    RESTART_WINDOW,
+                )
+                self._exit_code = EXIT_GAVE_UP
+                self._stop = True
+            else:
+                log.error("worker %d (pid %d) died: %s; restarting it", worker.slot, pid, how)
+                self._spawn(worker.slot)
+
+    def _spawn(self, slot: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # What sits in our buffers would be written a second time by the child.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The worker inherits these blocked, and they stay pending until its own handlers
+        # exist (ProxyServer.run); ours would swallow them in the child meanwhile.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._worker(slot, theirs, ours)  # never returns
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            theirs.close()
+        ours.setblocking(False)
+        worker = _Worker(slot, pid, ours)
+        self.workers[pid] = worker
+        self._selector.register(ours, selectors.EVENT_READ, worker)
+
+    def _worker(self, slot: int, channel: socket.socket, supervisor_end: socket.socket) -> NoReturn:
+        """The child's side of `_spawn`: undo the supervisor's set-up, then serve."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (*HANDLED_SIGNALS, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)  # the first three stay blocked until run()
+            self._selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            supervisor_end.close()
+            for other in self.workers.values():
+                # A copy held here would keep that worker's channel open after the supervisor died.
+                other.channel.close()
+            self.notifier.close()
+            admin = self.admin_socket if slot == 0 else None
+            if admin is None:
+                self.admin_socket.close()
+            channel.setblocking(False)
+            server = ProxyServer(
+                self.config,
+                config_path=self.config_path,
+                guest_sockets=self.guest_sockets,
+                admin_socket=admin,
+                notifier=systemd.Notifier(None),  # NotifyAccess=main: only the supervisor talks to systemd
+                sessions=self.sessions,
+                metrics=Metrics(multiprocess_dir=self.metrics_dir),
+                supervisor=channel,
+            )
+            uvloop.run(server.run())
+            code = 0
+        except BaseException:
+            log.exception("worker %d failed", slot)
+        finally:
+            # Never return into the supervisor's code: its finally blocks and atexit hooks
+            # (which remove the metrics directory) belong to the supervisor alone.
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _shutdown(self) -> None:
+        """The ordered stop (SIGTERM, SIGINT, or giving up on the workers)."""
+        self._stop = True
+        # 1. Tell systemd, so it does not count the drain as a hang.
+        self.notifier.stopping()
+        log.info("stopping: %d worker(s) draining for up to %.0f s", len(self.workers), DRAIN_SECONDS)
+        # 2. Close our copies of the guest sockets. A listening socket stays open while any
+        #    process holds it: new connections would queue here, where nobody accepts them,
+        #    instead of being refused once the workers have closed theirs.
+        for sock in self.guest_sockets:
+            sock.close()
+        # 3. Each worker stops accepting and drains its in-flight requests (ProxyServer.run).
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        # 4. Wait for them, within a bound shorter than the unit's TimeoutStopSec; kill the rest.
+        deadline = time.monotonic() + STOP_SECONDS
+        while self.workers and (remaining := deadline - time.monotonic()) > 0:
+            self._poll(min(remaining, SUPERVISOR_TICK))
+        for pid, worker in list(self.workers.items()):
+            log.error("worker %d (pid %d) did not stop within %.0f s; killing it", worker.slot, pid, STOP_SECONDS)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            worker.channel.close()
+        self.workers.clear()
+        # 5. Nothing is left to serve: the admin socket, our signal plumbing.
+        self.admin_socket.close()
+        signal.set_wakeup_fd(-1)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        log.info("stopped")
