@@ -122,16 +122,21 @@ class Proxy:
         *,
         timeout: float = 3,
         retry_budget: float = 0.5,
+        listen: tuple[tuple[str, int], ...] = (),
+        registry: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
+        # Where guests connect: a loopback port by default; (host, port) pairs when given.
+        self.listen = listen or (("127.0.0.1", self.port),)
         self.admin = workdir / "admin.sock"
-        self.registry = workdir / "registry.sqlite3"
+        self.registry = registry or workdir / "registry.sqlite3"
         self.config = workdir / "config.toml"
         self.log = workdir / "proxy.log"
+        entries = ", ".join(f'"[{h}]:{p}"' if ":" in h else f'"{h}:{p}"' for h, p in self.listen)
         self.config.write_text(
             f'host_id = "host-test"\n'
-            f'listen = ["127.0.0.1:{self.port}"]\n'
+            f"listen = [{entries}]\n"
             f'registry = "{self.registry}"\n'
             f'admin_listen = "{self.admin}"\n'
             f"{top_toml}\n"
@@ -156,7 +161,8 @@ class Proxy:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        wait_for_port(self.port, self.process)
+        for host, port in self.listen:
+            wait_for_port(port, self.process, host=host)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -13,6 +13,7 @@ that ``host setup`` adds to the root namespace are removed at the end of the mod
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -88,6 +89,35 @@ def flows_to_metadata(netns: str) -> int:
 # -- the root side: host setup and the test server ------------------------------------------
 
 
+@contextlib.contextmanager
+def leak_guard() -> Iterator[None]:
+    """Drop, in the root namespace, whatever arrives from a test VM without a VM address.
+
+    A guest whose VM table is gone (removed, flushed) reaches the root namespace un-NATed,
+    from 10.0.0.2; without this guard the root namespace would answer it through its
+    default route, off this machine. Traffic stays inside the namespaces the tests made.
+    """
+    table = f"mpt_guard_{os.getpid()}"
+    sh(
+        "nft",
+        "-f",
+        "-",
+        stdin=f"""
+table inet {table} {{
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "mpt*" ip saddr != 10.200.0.0/16 drop
+        iifname "mpt*" ip6 saddr != fd00:200::/32 ip6 saddr != fe80::/10 drop
+    }}
+}}
+""",
+    )
+    try:
+        yield
+    finally:
+        sh("nft", "delete", "table", "inet", table, check=False)
+
+
 @dataclass
 class Host:
     registry: Path
@@ -135,7 +165,8 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
         for run in runs:
             assert run.returncode == 0, run.stderr
         servers = [PeerServer(META4, socket.AF_INET, peers), PeerServer(META6, socket.AF_INET6, peers)]
-        yield Host(registry, runs, peers)
+        with leak_guard():
+            yield Host(registry, runs, peers)
     finally:
         for server in servers:
             server.close()
