@@ -19,7 +19,15 @@ from typing import Any
 from . import guards, upstream
 from .cache import MAX_CACHED_BODY, ResponseCache, cacheable_max_age
 from .config import Config, ListenAddress, Route
-from .forward import BodyTooLarge, GuestDisconnected, RequestBody, refusal_for, response_headers, upstream_headers
+from .forward import (
+    BodyTimeout,
+    BodyTooLarge,
+    GuestDisconnected,
+    RequestBody,
+    refusal_for,
+    response_headers,
+    upstream_headers,
+)
 from .guards import Refusal
 from .limits import Limiter
 from .logs import AccessLog
@@ -321,7 +329,7 @@ class ProxyApp:
         if method == "GET" and self.cache.enabled:
             hit = self.cache.get(vm.name, target)
             ex.cache = "miss" if hit is None else "hit"
-            self.metrics.cache.labels(ex.cache).inc()
+            self.metrics.labelled(self.metrics.cache, ex.cache).inc()
             if hit is not None:
                 entry, age = hit
                 return await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
@@ -333,6 +341,8 @@ class ProxyApp:
                 body = await reader.prefetch()
             except BodyTooLarge:
                 return await self.refuse_body(ex, reader)
+            except BodyTimeout:
+                return await ex.refuse(guards.REQUEST_TIMEOUT, ((b"connection", b"close"),))
             except GuestDisconnected:
                 ex.status = 499
                 return
@@ -355,6 +365,8 @@ class ProxyApp:
             )
         except BodyTooLarge:
             return await self.refuse_body(ex, reader)
+        except BodyTimeout:
+            return await ex.refuse(guards.REQUEST_TIMEOUT, ((b"connection", b"close"),))
         except GuestDisconnected:
             ex.status = 499
             return
@@ -421,7 +433,7 @@ class ProxyApp:
         vm = ex.vm
         duration_ms = round((time.perf_counter() - ex.started) * 1000, 3)
         name = vm.name if vm else None
-        self.metrics.requests.labels(name or "", ex.route, str(ex.status)).inc()
+        self.metrics.labelled(self.metrics.requests, name or "", ex.route, str(ex.status)).inc()
         if ex.code:
             self.metrics.refusals.labels(ex.code).inc()
         raw_path = ex.scope.get("raw_path") or b""

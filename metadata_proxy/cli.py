@@ -20,7 +20,9 @@ import uvloop
 from . import systemd
 from .config import DEFAULT_PATH, Config, ConfigError, ControlPlane, ListenAddress, check_input_files, load_config
 from .logs import AccessLog, setup_logging
-from .server import ProxyServer, bind_admin, bind_listen, open_sockets
+
+# Not imported here: .server (and, through it, prometheus_client). cmd_serve first decides
+# where metric values live; see `_metrics_storage`.
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -40,20 +42,49 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _metrics_storage(workers: int) -> str | None:
+    """Where metric values live, decided before anything imports prometheus_client, which
+    reads PROMETHEUS_MULTIPROC_DIR once, at import: in the process for one worker; with
+    several, in files under a new private directory that every worker inherits and the
+    admin endpoint sums (removed by cmd_serve at exit). Returns that directory, or None."""
+    if workers == 1:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return None
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before the metrics storage was chosen")
+    path = tempfile.mkdtemp(prefix="metadata-proxy-metrics-")  # under PrivateTmp= in the unit
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_input_files(config)
     setup_logging()
-    guest, admin = open_sockets(config, os.environ)
-    server = ProxyServer(
-        config,
-        config_path=args.config,
-        guest_sockets=guest,
-        admin_socket=admin,
-        notifier=systemd.Notifier.from_environ(os.environ),
-    )
-    uvloop.run(server.run())
-    return EXIT_OK
+    metrics_dir = _metrics_storage(config.workers)
+    try:
+        from . import server  # only now: see _metrics_storage
+
+        guest, admin = server.open_sockets(config, os.environ)
+        notifier = systemd.Notifier.from_environ(os.environ)
+        if metrics_dir is not None:
+            supervisor = server.Supervisor(
+                config,
+                config_path=args.config,
+                guest_sockets=guest,
+                admin_socket=admin,
+                notifier=notifier,
+                metrics_dir=metrics_dir,
+            )
+            return supervisor.run()
+        proxy = server.ProxyServer(
+            config, config_path=args.config, guest_sockets=guest, admin_socket=admin, notifier=notifier
+        )
+        uvloop.run(proxy.run())
+        return EXIT_OK
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -89,6 +120,8 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], deadline: float
 def cmd_demo(args: argparse.Namespace) -> int:
     """The reference control plane and the proxy on loopback, one VM registered for 127.0.0.1."""
     from controlplane import tokens  # the demo plays the control plane's part
+
+    from .server import ProxyServer, bind_admin, bind_listen
 
     workdir = tempfile.mkdtemp(prefix="metadata-proxy-demo-")
     control_plane: subprocess.Popen[bytes] | None = None
@@ -192,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
-    except (RuntimeError, subprocess.SubprocessError) as exc:
+    except (RuntimeError, subprocess.SubprocessError, systemd.SystemdError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK

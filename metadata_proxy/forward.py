@@ -6,6 +6,7 @@ Where the runtime token gets attached: `upstream_headers()`, nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -30,8 +31,9 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Never sent upstream: ours to set (host, authorization, the framing, x-request-id), the
-# guest's own credentials (cookie), and the proxy's session headers.
+# Never sent upstream: ours to set (host, authorization, the framing, x-request-id, the
+# proxy's identity headers: a guest's own copy would come first, and most frameworks read
+# the first), the guest's own credentials (cookie), and the proxy's session headers.
 _REQUEST_DROP = HOP_BY_HOP | {
     b"host",
     b"authorization",
@@ -39,6 +41,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"x-request-id",
+    b"x-metadata-proxy-host",
     b"x-metadata-token",
     b"x-metadata-token-ttl-seconds",
 }
@@ -69,7 +72,8 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     """Header names a `Connection` header marks as hop-by-hop for this message."""
     named: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        # The length test first spares a lower() copy of every other header, on every request.
+        if len(name) == 10 and name.lower() == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
     return named
 
@@ -109,6 +113,16 @@ class BodyTooLarge(Exception):
     """The guest's body went past max_body_bytes while it was being read."""
 
 
+class BodyTimeout(Exception):
+    """The guest's body stalled for longer than BODY_IDLE_SECONDS."""
+
+
+# A guest body that pauses longer than this between two reads is cut off (408): a stalled
+# upload must not hold a request slot or, once streaming, an upstream connection (a pool
+# every VM shares) for ever. Guests sit on the proxy's own host.
+BODY_IDLE_SECONDS = 10.0
+
+
 class GuestDisconnected(Exception):
     """The guest went away while its body was being read."""
 
@@ -131,7 +145,11 @@ class RequestBody:
         self.complete = False
 
     async def _next(self) -> bytes:
-        message = await self._receive()
+        try:
+            async with asyncio.timeout(BODY_IDLE_SECONDS):
+                message = await self._receive()
+        except TimeoutError:
+            raise BodyTimeout from None
         if message["type"] == "http.disconnect":
             raise GuestDisconnected
         chunk: bytes = message.get("body", b"")
@@ -168,7 +186,7 @@ class RequestBody:
         try:
             while not self.complete:
                 await self._next()
-        except (BodyTooLarge, GuestDisconnected):
+        except (BodyTooLarge, BodyTimeout, GuestDisconnected):
             return False
         finally:
             self._limit = limit

@@ -72,12 +72,17 @@ def rate_limited(retry_after: int) -> Refusal:
 
 
 def allowed_hosts(listen: Iterable[ListenAddress], aliases: Iterable[str]) -> frozenset[str]:
-    """Every Host value accepted: each listen address with and without its port, each alias."""
+    """Every Host value accepted: each listen address with and without its port, each alias
+    without a port or with a listen port (`http://metadata.internal:80/` sends the port)."""
     allowed: set[str] = set()
+    ports = set()
     for entry in listen:
         bare = f"[{entry.host}]" if ":" in entry.host else entry.host
         allowed.update((bare, f"{bare}:{entry.port}"))
-    allowed.update(alias.lower() for alias in aliases)
+        ports.add(entry.port)
+    for alias in aliases:
+        allowed.add(alias.lower())
+        allowed.update(f"{alias.lower()}:{port}" for port in ports)
     return frozenset(allowed)
 
 

@@ -2,20 +2,27 @@
 
 No token, fingerprint or request path is ever a label: VM names and route prefixes are
 bounded by the registry and the config, status codes and refusal codes by the code.
+
+With several workers (`workers` > 1) every process keeps its values in files under one
+directory (prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR
+before prometheus_client is first imported: see cli.cmd_serve), and `render` sums them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .registry import VM
 
 EXPIRING_SOON_SECONDS = 3600
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 
 class _RegistryCollector(Collector):
@@ -43,7 +50,11 @@ class _RegistryCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        """`multiprocess_dir`: the PROMETHEUS_MULTIPROC_DIR of a service with several workers."""
+        self.multiprocess_dir = multiprocess_dir
+        self._scrape_time: list[Collector] = []
+        self._children: dict[tuple[object, ...], Counter | Gauge | Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -62,7 +73,10 @@ class Metrics:
             "metadata_proxy_upstream_errors", "Upstream calls that failed, by error code", ["code"], registry=r
         )
         self.cache = Counter("metadata_proxy_cache", "Response cache lookups", ["result"], registry=r)
-        self.in_flight = Gauge("metadata_proxy_in_flight", "Guest requests being handled", registry=r)
+        # Summed over the live workers; a dead worker's requests are no longer in flight.
+        self.in_flight = Gauge(
+            "metadata_proxy_in_flight", "Guest requests being handled", registry=r, multiprocess_mode="livesum"
+        )
         self.reloads = Counter("metadata_proxy_reloads", "Config reloads, by result", ["result"], registry=r)
         self.registry_reloads = Counter(
             "metadata_proxy_registry_reloads", "Times the registry snapshot was re-read after a change", registry=r
@@ -71,10 +85,35 @@ class Metrics:
             "metadata_proxy_upstream_reachable",
             "1 when the control plane answered the last readiness probe",
             registry=r,
+            multiprocess_mode="livemax",  # only the worker serving the admin endpoint probes
         )
 
+    def labelled(self, metric: _Metric, *values: str) -> _Metric:
+        """`metric.labels(*values)`, looked up once per label set: labels() validates and takes
+        a lock on every call, several µs that each guest request would pay (bench/)."""
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
+
     def watch_registry(self, vms: Callable[[], Iterable[VM]], available: Callable[[], bool]) -> None:
-        self.registry.register(_RegistryCollector(vms, available))
+        collector = _RegistryCollector(vms, available)
+        self._scrape_time.append(collector)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # Every process's counters, histograms and gauges, summed; the registry gauges are
+        # the same in every worker (one registry file), so this process's are the answer.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        for collector in self._scrape_time:
+            registry.register(collector)
+        return generate_latest(registry)
+
+
+def forget_process(pid: int, multiprocess_dir: str) -> None:
+    """A worker exited: its live gauges (in flight) stop counting; its counters stay."""
+    multiprocess.mark_process_dead(pid, multiprocess_dir)  # type: ignore[no-untyped-call]

@@ -17,8 +17,8 @@ import json
 import logging
 import os
 import secrets
-import signal
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -31,11 +31,10 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from . import guards, systemd
+from . import guards, systemd, upstream
 from .admin import UpstreamProbe, create_admin_app
 from .app import ProxyApp
 from .config import Config, ConfigError, ListenAddress, check_input_files, load_config
-from . import upstream
 from .forward import build_client
 from .logs import AccessLog
 from .metrics import Metrics, forget_process

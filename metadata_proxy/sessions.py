@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ class SessionTokens:
         return _b64(hmac.digest(self._key, message, hashlib.sha256))
 
     def issue(self, vm_name: str, vm_id: str, ttl: int) -> str:
-        expiry = int(self._clock()) + ttl
+        # Rounded up: a token lives at least its TTL (truncating made a TTL of 1 last 0..1 s).
+        expiry = math.ceil(self._clock() + ttl)
         nonce = _b64(secrets.token_bytes(12))
         return f"v1.{expiry}.{nonce}.{self._mac(vm_name, vm_id, expiry, nonce)}"
 

@@ -161,8 +161,12 @@ class Proxy:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        for host, port in self.listen:
-            wait_for_port(port, self.process, host=host)
+        try:
+            for host, port in self.listen:
+                wait_for_port(port, self.process, host=host)
+        except BaseException:
+            self.stop()  # closes the log file too: a leaked one fails the run (filterwarnings = error)
+            raise
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -447,6 +448,29 @@ def test_unreadable_registry_is_registry_unavailable(tmp_path: Path, cp: Control
     assert reached == 0
     assert listing.returncode == 1 and len(listing.stderr.splitlines()) == 1
     assert recovered.status_code == 200 and recovered.json()["vm_id"] == "vm-unreadable"
+
+
+def test_registry_locked_too_long_is_registry_unavailable(tmp_path: Path, cp: ControlPlane) -> None:
+    proxy = Proxy(tmp_path, cp.url).start()
+    registry = proxy.registry
+    with running(proxy):
+        address = next_address()
+        proxy.add_vm("locked", address, token_for(cp, "vm-locked"))
+        with proxy.guest(address) as guest:
+            assert guest.get("/runtime/whoami", headers=META).status_code == 200
+        holder = sqlite3.connect(registry, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")  # readers are locked out until it ends
+            os.utime(registry)  # a change the proxy has to read while the lock is held
+            with proxy.guest(address) as guest:
+                refused = guest.get("/runtime/whoami", headers=META)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with proxy.guest(address) as guest:
+            recovered = guest.get("/runtime/whoami", headers=META)
+    assert refused.status_code == 503 and error_code(refused) == "registry_unavailable"
+    assert recovered.status_code == 200 and recovered.json()["vm_id"] == "vm-locked"
 
 
 # -- TLS towards the control plane ----------------------------------------------------------
