@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -81,7 +82,8 @@ def canonical_address(text: str) -> str:
 def connect_readonly(path: str) -> sqlite3.Connection:
     """Open the registry read-only: the proxy runs without write access to it."""
     uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # quoted: '?', '#', '%' are legal in paths
-    return sqlite3.connect(uri, uri=True, timeout=0.2, check_same_thread=False)
+    # timeout 0: never block the event loop on a lock; Registry.refresh decides what a lock means.
+    return sqlite3.connect(uri, uri=True, timeout=0, check_same_thread=False)
 
 
 def connect_readwrite(path: str) -> sqlite3.Connection:
@@ -131,6 +133,12 @@ def index_by_address(vms: Iterable[VM]) -> dict[str, VM]:
 # and garbage written over it shows up there first).
 _Fingerprint = tuple[int, int, int, int, bytes]
 _STALE: _Fingerprint = (-1, -1, -1, -1, b"")  # never equal to a real file's
+# A hostagent commit holds SQLite's lock for milliseconds; a lock held longer is a fault.
+LOCK_PATIENCE = 0.5
+
+
+def _locked(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class Registry:
@@ -149,6 +157,7 @@ class Registry:
         self._by_address: dict[str, VM] = {}
         self._vms: tuple[VM, ...] = ()
         self._error: str | None = None
+        self._locked_since: float | None = None
         self.generation = 0  # bumped on every successful reload that changed something
 
     # -- reading --------------------------------------------------------------------
@@ -191,8 +200,17 @@ class Registry:
                 finally:
                     conn.close()
             except sqlite3.Error as exc:
+                if _locked(exc) and self._error is None:
+                    now = time.monotonic()
+                    self._locked_since = self._locked_since or now
+                    if now - self._locked_since < LOCK_PATIENCE:
+                        # A writer is committing, so its command has not returned yet and the
+                        # snapshot from before it is still the truth (SQLite's own readers see
+                        # the same). The fingerprint stays old: the next call reads again.
+                        return False
                 self._fail(f"{self.path}: {exc}")
                 raise RegistryUnavailable(self._error) from None
+            self._locked_since = None
             # A write may have landed between the stat and the read: take the
             # fingerprint again so a later call re-reads rather than trusting a mix.
             try:
@@ -213,6 +231,7 @@ class Registry:
 
     def _fail(self, message: str) -> None:
         self._error = message
+        self._locked_since = None
         self._fingerprint = _STALE
         self._by_address = {}
         self._vms = ()

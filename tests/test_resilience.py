@@ -29,6 +29,7 @@ import pytest
 import trustme
 
 from controlplane.tokens import Secrets, fingerprint, mint
+from metadata_proxy.registry import LOCK_PATIENCE
 from tests.harness import ControlPlane, Proxy, running, wait_for_port
 
 META = {"Metadata": "true"}
@@ -463,12 +464,16 @@ def test_registry_locked_too_long_is_registry_unavailable(tmp_path: Path, cp: Co
             holder.execute("BEGIN EXCLUSIVE")  # readers are locked out until it ends
             os.utime(registry)  # a change the proxy has to read while the lock is held
             with proxy.guest(address) as guest:
+                # A lock as brief as a commit: the snapshot from before it still holds.
+                during_commit = guest.get("/runtime/whoami", headers=META)
+                time.sleep(LOCK_PATIENCE + 0.3)
                 refused = guest.get("/runtime/whoami", headers=META)
         finally:
             holder.execute("ROLLBACK")
             holder.close()
         with proxy.guest(address) as guest:
             recovered = guest.get("/runtime/whoami", headers=META)
+    assert during_commit.status_code == 200 and during_commit.json()["vm_id"] == "vm-locked"
     assert refused.status_code == 503 and error_code(refused) == "registry_unavailable"
     assert recovered.status_code == 200 and recovered.json()["vm_id"] == "vm-locked"
 
