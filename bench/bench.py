@@ -649,10 +649,13 @@ def workers_scaling(
         processes.stop(two)
         print(f"bench: workers=2: not supported yet ({exc})", flush=True)
         return None, "not supported yet (the proxy does not start with workers = 2)"
-    # However the workers come to be (fork, spawn), they are in the proxy's process group.
-    deadline = time.monotonic() + 5
-    while len(pids := group_pids(two.pid)) < 2 and time.monotonic() < deadline:
+    # However the workers come to be (forked by a supervisor or not), they are in the proxy's
+    # process group: wait until that group has stopped growing for a second.
+    pids, stable_since, deadline = group_pids(two.pid), time.monotonic(), time.monotonic() + 10
+    while time.monotonic() - stable_since < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
+        if (now := group_pids(two.pid)) != pids:
+            pids, stable_since = now, time.monotonic()
     if len(pids) < 2:
         processes.stop(two)
         print("bench: workers=2: not supported yet (one process serves)", flush=True)

@@ -1,6 +1,7 @@
 """Session tokens for routes with guard "session" (AWS IMDSv2 style).
 
-A token is opaque to the guest: ``v1.<expiry>.<nonce>.<mac>``, where the MAC (HMAC-SHA256
+A token is opaque to the guest: ``v1.<expiry>.<nonce>.<mac>``, the expiry in Unix
+milliseconds (so a token lives its TTL to the millisecond), where the MAC (HMAC-SHA256
 under a key that exists only in this proxy's memory) binds the expiry and nonce to the
 VM's registry name and id. Nothing is stored per token, so thousands of VMs cost nothing
 and every worker forked from one parent accepts every other's tokens. A restart draws a
@@ -12,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -34,8 +34,7 @@ class SessionTokens:
         return _b64(hmac.digest(self._key, message, hashlib.sha256))
 
     def issue(self, vm_name: str, vm_id: str, ttl: int) -> str:
-        # Rounded up: a token lives at least its TTL (truncating made a TTL of 1 last 0..1 s).
-        expiry = math.ceil(self._clock() + ttl)
+        expiry = round((self._clock() + ttl) * 1000)
         nonce = _b64(secrets.token_bytes(12))
         return f"v1.{expiry}.{nonce}.{self._mac(vm_name, vm_id, expiry, nonce)}"
 
@@ -50,6 +49,6 @@ class SessionTokens:
         if version != "v1" or not expiry_text.isdigit():
             return False
         expiry = int(expiry_text)
-        if expiry <= self._clock():
+        if expiry <= self._clock() * 1000:
             return False
         return hmac.compare_digest(mac, self._mac(vm_name, vm_id, expiry, nonce))

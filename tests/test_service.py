@@ -705,7 +705,8 @@ def test_workers_restart_when_one_dies_and_give_up_when_they_keep_dying(service:
             assert guest.get("/runtime/whoami", headers=META).json()["vm_id"] == vm_id
     served = {"vm": "survivor", "route": "/runtime/", "status": "200"}
     # Counted by the worker that served, the dead one's included, and summed.
-    wait_until(lambda: metric(svc.metrics(), "metadata_proxy_requests_total", **served) == 11, what="metrics")
+    seen: list[float] = []
+    wait_until(lambda: seen.append(metric(svc.metrics(), "metadata_proxy_requests_total", **served)) or seen[-1] == 11, what=f"metrics {seen[-3:]}")
     assert any("died" in m and "restarting" in m for m in svc.messages())
 
     # A worker that keeps dying: the supervisor stops restarting and fails the service.
