@@ -51,6 +51,8 @@ DRAIN_AFTER_REFUSAL = 1024 * 1024
 LINGER_SECONDS = 2.0
 REGISTRY_WATCH_INTERVAL = 0.25
 STREAM_SMALL_BODY = 64 * 1024
+# Seconds a guest may leave a streamed answer unread before it is cut off.
+GUEST_WRITE_TIMEOUT = 10
 
 
 class Exchange:
@@ -400,8 +402,18 @@ class ProxyApp:
                 return
             await ex.send({"type": "http.response.start", "status": response.status, "headers": out})
             async for chunk in response.iter_body():
-                await ex.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # A guest that stops reading must not hold a pooled upstream connection for ever.
+                async with asyncio.timeout(GUEST_WRITE_TIMEOUT):
+                    await ex.send({"type": "http.response.body", "body": chunk, "more_body": True})
             await ex.send({"type": "http.response.body", "body": b""})
+        except TimeoutError:
+            log.warning(
+                "%s stopped reading its answer for %d s (request %s): cut off",
+                vm.name,
+                GUEST_WRITE_TIMEOUT,
+                ex.request_id,
+            )
+            ex.code = "guest_write_timeout"
         except upstream.UpstreamError as exc:
             # The answer had started: the guest sees a truncated response and a closed connection.
             log.warning("upstream failed mid-response for %s (request %s): %s", vm.name, ex.request_id, exc)

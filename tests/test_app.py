@@ -657,3 +657,61 @@ async def test_refusals_are_counted_by_code(app: ProxyApp) -> None:
         "missing_metadata_header": "1.0",
         "invalid_ttl": "1.0",
     }
+
+
+async def test_a_guest_that_stops_reading_releases_the_upstream_connection(
+    cp: ControlPlane, registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed answer the guest never reads is cut off after GUEST_WRITE_TIMEOUT, so the
+    pooled upstream connection goes back instead of being held for ever."""
+    monkeypatch.setattr(app_module, "GUEST_WRITE_TIMEOUT", 0.3)
+    chunk = b"x" * 65536
+
+    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(64):  # 4 MiB, bounded
+                writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = parse_config(
+        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
+         "control_plane": {"url": f"http://127.0.0.1:{port}", "timeout": 3, "retry_budget": 0}}
+    )  # fmt: skip
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    scope = {
+        "type": "http", "method": "GET", "path": "/runtime/big", "raw_path": b"/runtime/big", "query_string": b"",
+        "headers": [(b"host", b"169.254.169.254"), (b"metadata", b"true")], "client": (A, 40000),
+        "http_version": "1.1", "scheme": "http",
+    }  # fmt: skip
+    sent: list[str] = []
+    stalled = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message["type"])
+        if message["type"] == "http.response.body":
+            await stalled.wait()  # the guest never reads: its socket buffer stays full
+
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(app(scope, receive, send), timeout=5)
+        assert time.monotonic() - started < 3
+        assert sent[0] == "http.response.start"
+        assert client.connections_open == 0  # cut off, not pooled half-read, not held
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
