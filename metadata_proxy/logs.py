@@ -51,6 +51,8 @@ class JsonFormatter(logging.Formatter):
             "time": _now(),
             "level": record.levelname.lower(),
             "logger": record.name,
+            # With several workers, journald files every line under the main process's pid.
+            "pid": record.process,
             "message": record.getMessage(),
         }
         if record.exc_info:
@@ -59,11 +61,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(stream: TextIO | None = None, level: int = logging.INFO) -> None:
-    """Route our loggers and uvicorn's through JsonFormatter to `stream` (stdout)."""
+    """Route every logger (ours, uvicorn's, asyncio's) through JsonFormatter to `stream`
+    (stdout), so that no line in the journal is anything but JSON."""
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
-    for name in ("metadata_proxy", "uvicorn", "uvicorn.error"):
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # other libraries: what needs attention only
+    # uvicorn's own lifecycle lines ("Shutting down", "Waiting for connections to close")
+    # repeat ours, once per server; its warnings and errors still come through.
+    quieter = max(level, logging.WARNING)
+    for name, name_level in (("metadata_proxy", level), ("uvicorn", quieter), ("uvicorn.error", quieter)):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler] if name != "uvicorn.error" else []
-        logger.setLevel(level)
-        logger.propagate = name == "uvicorn.error"
+        logger.handlers.clear()
+        logger.setLevel(name_level)
+        logger.propagate = True
