@@ -50,6 +50,8 @@ import jwt
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results.md"
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SMALL_ANSWER = '{"vm_id":"bench-0","region":"loopback","ok":true}'
 BIG_BYTES = 256 * 1024 * 1024
 SYNC_VMS = 10_000
@@ -732,7 +734,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report, end="")
     print(f"(written to {args.output})")
+    if not args.quick and args.output == str(RESULTS):
+        if not update_readme(report):
+            print(f"bench: {README} has no {README_BEGIN} ... {README_END} section to update", file=sys.stderr)
+            return 1
+        print(f"(and into {README}, between its bench markers)")
     return 0
+
+
+def update_readme(report: str) -> bool:
+    """Put the report into the README between its markers (False when they are missing): the
+    numbers there are only ever this command's."""
+    text = README.read_text()
+    head, begin, rest = text.partition(README_BEGIN)
+    _, end, tail = rest.partition(README_END)
+    if not begin or not end:
+        return False
+    body = report.split("\n", 1)[1] if report.startswith("## ") else report  # the README has its own heading
+    README.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+    return True
 
 
 # -- the report ---------------------------------------------------------------------------
