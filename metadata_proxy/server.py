@@ -71,6 +71,7 @@ HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 # The supervisor (workers > 1).
 READY_MESSAGE = b"R"  # worker to supervisor: serving (at start-up, and after each reload)
+DRAINED_MESSAGE = b"D"  # supervisor to the admin worker, when stopping: the others are done
 SUPERVISOR_TICK = 1.0
 # More worker deaths than this within the window and the supervisor stops restarting them.
 RESTART_LIMIT = 5
@@ -274,7 +275,9 @@ class ProxyServer:
     Alone (`workers = 1`) it talks to systemd itself. As a worker of a `Supervisor` it gets
     a disabled notifier and the `supervisor` channel instead: it writes READY_MESSAGE there
     when it starts serving and when it finishes a reload, stops when the channel closes
-    (the supervisor is gone), and leaves counting reloads to the supervisor.
+    (the supervisor is gone), and leaves counting reloads to the supervisor. The worker
+    that serves the admin endpoint keeps it open on stop until the supervisor writes
+    DRAINED_MESSAGE: /healthz and /metrics answer while any worker drains.
     """
 
     def __init__(
@@ -306,6 +309,7 @@ class ProxyServer:
         self._reload = False
         # Upstream clients a reload replaced, closed once their requests had time to finish.
         self._retired: set[upstream.Upstream] = set()
+        self._others_drained = asyncio.Event()
 
     # Signal handlers: record the wish, wake the main loop, nothing else.
     def request_stop(self) -> None:
@@ -378,13 +382,19 @@ class ProxyServer:
         # 1. tell systemd, so it does not count the drain as a hang;
         self.notifier.stopping()
         log.info("stopping: draining in-flight requests for up to %.0f s", DRAIN_SECONDS)
-        # 2. stop accepting (the listening sockets close: new connections are refused) and
-        #    let in-flight guest requests finish, bounded by DRAIN_SECONDS;
+        # 2. stop accepting and let in-flight guest requests finish, bounded by DRAIN_SECONDS
+        #    (our listening sockets close: new connections are refused, or, under socket
+        #    activation, wait in systemd's copy for the next start);
         self.guest.should_exit = True
         await ticker
         await self.guest.shutdown()
-        # 3. the admin endpoint goes last, so /healthz answers during the drain;
+        # 3. the admin endpoint goes last, so /healthz answers during the drain (under a
+        #    supervisor, until every worker has drained, bounded like a drain);
         if self.admin is not None:
+            if self.supervisor is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DRAIN_SECONDS + 1):
+                        await self._others_drained.wait()
             self.admin.should_exit = True
             await self.admin.shutdown()
         # 4. nothing uses the upstream clients any more: close them, the current one and
@@ -393,10 +403,9 @@ class ProxyServer:
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
-        for client in (*self._retired, self.app.client):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
-                    await client.aclose()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
+                await asyncio.gather(*(client.aclose() for client in (*self._retired, self.app.client)))
         log.info("stopped")
 
     def _ready(self) -> None:
@@ -407,18 +416,23 @@ class ProxyServer:
                 self.supervisor.send(READY_MESSAGE)
 
     def _from_supervisor(self) -> None:
+        assert self.supervisor is not None
         try:
-            data = self.supervisor.recv(64) if self.supervisor is not None else b""
+            data = self.supervisor.recv(64)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data and not self._stop:
-            # Nothing else would ever stop this worker: without its supervisor, its sockets
-            # and this process would outlive the service.
-            log.error("the supervisor is gone; stopping")
-            asyncio.get_running_loop().remove_reader(self.supervisor.fileno())  # type: ignore[union-attr]
-            self.request_stop()
+        if DRAINED_MESSAGE in data:
+            self._others_drained.set()
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.supervisor.fileno())
+            self._others_drained.set()  # nobody left to wait for
+            if not self._stop:
+                # Nothing else would ever stop this worker: without its supervisor, its
+                # sockets and this process would outlive the service.
+                log.error("the supervisor is gone; stopping")
+                self.request_stop()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and apply it to requests that begin from now on."""
@@ -776,9 +790,16 @@ class Supervisor:
         for pid in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        # 4. Wait for them, within a bound shorter than the unit's TimeoutStopSec; kill the rest.
+        # 4. Wait for them, within a bound shorter than the unit's TimeoutStopSec; kill the
+        #    rest. The admin worker answers /healthz and /metrics until the others are done.
         deadline = time.monotonic() + STOP_SECONDS
+        released = False
         while self.workers and (remaining := deadline - time.monotonic()) > 0:
+            if not released and all(worker.slot == 0 for worker in self.workers.values()):
+                released = True
+                for worker in self.workers.values():
+                    with contextlib.suppress(OSError):
+                        worker.channel.send(DRAINED_MESSAGE)
             self._poll(min(remaining, SUPERVISOR_TICK))
         for pid, worker in list(self.workers.items()):
             log.error("worker %d (pid %d) did not stop within %.0f s; killing it", worker.slot, pid, STOP_SECONDS)

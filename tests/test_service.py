@@ -94,6 +94,7 @@ class Service(Proxy):
         super().__init__(workdir, cp.url, extra_toml=OPEN_LIMITS + extra, top_toml=top)
         self.cp = cp
         self.notify: NotifySocket | None = None
+        self.seen_workers: set[int] = set()
 
     def start_service(
         self, *, notify: bool = True, activate: list[str] | None = None, trigger: tuple[str, int] | None = None
@@ -126,10 +127,11 @@ class Service(Proxy):
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        pids = self.worker_pids() if self.process is not None and self.process.poll() is None else []
+        if self.process is not None and self.process.poll() is None:
+            self.worker_pids()
         code = super().stop(sig)
-        for pid in pids:  # a worker must never outlive a test, whatever the supervisor did
-            _kill(pid)
+        for pid in self.seen_workers:  # a worker must never outlive a test, whatever its supervisor did
+            _kill_if_ours(pid)
         if self.notify is not None:
             self.notify.close()
             self.notify = None
@@ -172,7 +174,9 @@ class Service(Proxy):
         return parse_metrics(text)
 
     def worker_pids(self) -> list[int]:
-        return children_of(self.pid)
+        pids = children_of(self.pid)
+        self.seen_workers.update(pids)
+        return pids
 
     def json_log(self) -> list[dict[str, object]]:
         """Every line of the service's output, each of which must be a JSON object."""
@@ -224,11 +228,13 @@ def process_state(pid: int) -> str:
     return "gone" if state in ("Z", "X") else state  # a zombie has exited
 
 
-def _kill(pid: int) -> None:
+def _kill_if_ours(pid: int) -> None:
     try:
+        if b"metadata-proxy" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return  # gone, and the pid already taken by something else
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (OSError, ProcessLookupError):
         pass
 
 
@@ -609,6 +615,9 @@ def test_workers_share_the_sockets_and_the_session_key(service: Callable[..., Se
     assert seen == {first: vm_id, second: vm_id}
     samples = svc.metrics()  # aggregated over both workers
     assert metric(samples, "metadata_proxy_requests_total", vm="sessions", route="/runtime/", status="200") == 2
+    assert metric(samples, "metadata_proxy_registry_vms") == 1
+    assert metric(samples, "metadata_proxy_in_flight") == 0
+    wait_until(lambda: metric(svc.metrics(), "metadata_proxy_upstream_reachable") == 1, what="the probe")
     assert svc.stop() == 0
     assert_clean_log(svc, token, issued.text)
 
@@ -696,17 +705,18 @@ def test_workers_drain_on_sigterm(service: Callable[..., Service]) -> None:
 def test_workers_restart_when_one_dies_and_give_up_when_they_keep_dying(service: Callable[..., Service]) -> None:
     svc, pids = start_workers(service)
     address, vm_id, _ = svc.register("survivor")
+    served = {"vm": "survivor", "route": "/runtime/", "status": "200"}
     with svc.guest(address) as guest:
         assert guest.get("/runtime/whoami", headers=META).status_code == 200
+    # Counted (after the answer) before the worker that served it may be the one killed.
+    wait_until(lambda: metric(svc.metrics(), "metadata_proxy_requests_total", **served) == 1, what="the count")
     os.kill(pids[0], signal.SIGKILL)  # the first worker serves the admin endpoint
     wait_until(lambda: len(set(svc.worker_pids()) - set(pids)) == 1, what="a replacement worker")
     for _ in range(10):
         with svc.guest(address) as guest:
             assert guest.get("/runtime/whoami", headers=META).json()["vm_id"] == vm_id
-    served = {"vm": "survivor", "route": "/runtime/", "status": "200"}
     # Counted by the worker that served, the dead one's included, and summed.
-    seen: list[float] = []
-    wait_until(lambda: seen.append(metric(svc.metrics(), "metadata_proxy_requests_total", **served)) or seen[-1] == 11, what=f"metrics {seen[-3:]}")
+    wait_until(lambda: metric(svc.metrics(), "metadata_proxy_requests_total", **served) == 11, what="the counts")
     assert any("died" in m and "restarting" in m for m in svc.messages())
 
     # A worker that keeps dying: the supervisor stops restarting and fails the service.
@@ -717,8 +727,10 @@ def test_workers_restart_when_one_dies_and_give_up_when_they_keep_dying(service:
             os.kill(current[-1], signal.SIGKILL)
         time.sleep(0.05)
     assert svc.wait(timeout=10) == 1
-    assert any("giving up" in m for m in svc.messages())
-    assert children_of(svc.pid) == []
+    messages = svc.messages()
+    assert sum("restarting it" in m for m in messages) == 5  # RESTART_LIMIT within the minute
+    assert sum("giving up" in m for m in messages) == 1
+    assert all(process_state(pid) == "gone" for pid in svc.seen_workers)  # stopped and reaped
 
 
 def test_workers_stop_when_the_supervisor_is_killed(service: Callable[..., Service]) -> None:
