@@ -1,8 +1,11 @@
 """Registry writes: every invariant of SPEC section 4, one SQLite transaction per command.
 
 The schema and the read helpers live in `metadata_proxy.registry` (shared with the proxy);
-this module owns the writes. Each write runs under ``BEGIN IMMEDIATE``, re-reads the
-registry inside that transaction, checks the invariants against it, and only then writes.
+this module owns the writes. Each write runs under ``BEGIN IMMEDIATE``, re-reads what it
+needs of the registry inside that transaction, checks the invariants against it, and only
+then writes, stamping what it wrote with the transaction's sequence number (meta.seq + 1)
+and leaving a tombstone for each VM it removed, so the proxy reads only what changed.
+A version-1 registry is upgraded inside the same transaction.
 Plumbing that must agree with a row (SPEC section 5) runs inside the still-open transaction:
 if it fails the transaction rolls back, and if the commit fails the plumbing is undone.
 
@@ -34,17 +37,21 @@ from typing import Protocol
 from controlplane.tokens import InvalidToken, peek_claims
 from metadata_proxy.registry import (
     SCHEMA_VERSION,
+    TABLES,
     VM,
     RegistryUnavailable,
     canonical_address,
     connect_readonly,
     connect_readwrite,
     read_vms,
+    upgrade,
 )
 
 PROXY_USER = "metadata-proxy"
 SQLITE_MAGIC = b"SQLite format 3\x00"
-OUR_TABLES = frozenset({"vms", "addresses"})
+# Tombstones of the last this many write transactions are kept. A running proxy checks the
+# file every 0.25 s; one that falls further behind (stopped, or starting) reads it whole.
+TOMBSTONE_WINDOW = 10_000
 PLUMBING_WORKERS = 8  # ip/nft/conntrack are subprocesses: a few at a time hide their start-up cost
 
 # Names end up in log lines, nft comments and argv: keep them to a plain, unambiguous alphabet.
@@ -334,39 +341,44 @@ class ApplyReport:
 class Store:
     """The registry at `path`, as `hostagent` writes it."""
 
-    def __init__(self, path: str, access: Access | None = None) -> None:
+    def __init__(self, path: str, access: Access | None = None, *, tombstone_window: int = TOMBSTONE_WINDOW) -> None:
         self.path = path
         self.access = access if access is not None else proxy_access()
+        self.tombstone_window = tombstone_window
 
     # -- reading ------------------------------------------------------------------------
 
-    def vms(self) -> list[VM]:
-        """Every registered VM in name order; a missing registry has none."""
+    def vms(self, names: Sequence[str] | None = None) -> list[VM]:
+        """Every registered VM (or those of `names`) in name order; a missing registry has none."""
         if not os.path.lexists(self.path):
             return []
         self._check_file()
         try:
             conn = connect_readonly(self.path)
             try:
-                return read_vms(conn)
+                return read_vms(conn, names)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             raise RegistryDamaged(f"registry {self.path}: {exc}") from None
 
     def get(self, name: str) -> VM | None:
-        return next((vm for vm in self.vms() if vm.name == name), None)
+        return next(iter(self.vms([name])), None)
 
     # -- writing ------------------------------------------------------------------------
 
     def add(self, entry: Entry, *, replace: bool = False, plumber: Plumbing | None = None) -> str:
         """Register `entry`: "added", "replaced" or "unchanged". Conflict, PlumbingFailed, StoreError."""
-        with self._transaction() as (conn, current):
-            old = current.get(entry.name)
+        with self._transaction() as conn:
+            old = self._current(conn, [entry.name]).get(entry.name)
             if old is not None and not _differences(old, entry):
                 return "unchanged"
+            marks = ", ".join("?" * len(entry.addresses))
+            holders = dict(
+                conn.execute(f"SELECT address, name FROM addresses WHERE address IN ({marks})", entry.addresses)
+            )
             for address in entry.addresses:
-                holder = self._holder(current, address)
+                holder = holders.get(address)
                 if holder is not None and holder != entry.name:
                     raise Conflict(f"address {address} is already held by VM {holder}")
             if old is not None and not replace:
@@ -377,10 +389,10 @@ class Store:
                     plumber.check(entry.netns, entry.addresses)
                 except Exception as exc:
                     raise PlumbingFailed(str(exc)) from None
-            now = int(time.time())
+            now, seq = int(time.time()), self._next_seq(conn)
             if old is not None and sorted(old.addresses) != sorted(entry.addresses):
                 conn.execute("DELETE FROM addresses WHERE name = ?", (entry.name,))
-            conn.execute(_UPSERT_VM, _vm_row(entry, now))
+            conn.execute(_UPSERT_VM, _vm_row(entry, now, seq))
             if old is None or sorted(old.addresses) != sorted(entry.addresses):
                 conn.executemany("INSERT INTO addresses(address, name) VALUES (?, ?)", _address_rows([entry]))
             undo = _replumb(plumber, old, entry) if plumber is not None else _nothing
@@ -391,10 +403,11 @@ class Store:
         """Unregister `name` and tear down its table: "removed" or "absent"."""
         if not os.path.lexists(self.path):
             return "absent"
-        with self._transaction() as (conn, current):
-            old = current.get(name)
+        with self._transaction() as conn:
+            old = self._current(conn, [name]).get(name)
             if old is None:
                 return "absent"
+            conn.execute(_TOMBSTONE, (name, self._next_seq(conn)))
             conn.execute("DELETE FROM addresses WHERE name = ?", (name,))
             conn.execute("DELETE FROM vms WHERE name = ?", (name,))
             undo = _replumb(plumber, old, None) if plumber is not None else _nothing
@@ -409,7 +422,8 @@ class Store:
         """
         result = SyncResult()
         changes: list[tuple[VM | None, Entry | None]] = []
-        with self._transaction() as (conn, current):
+        with self._transaction() as conn:
+            current = self._current(conn)
             desired = {entry.name: entry for entry in entries}
             gone = [vm for name, vm in current.items() if name not in desired]
             readdressed: list[str] = [vm.name for vm in gone]
@@ -431,12 +445,13 @@ class Store:
             changes.extend((vm, None) for vm in gone)
             if not upserts and not gone:
                 return result
-            now = int(time.time())
+            now, seq = int(time.time()), self._next_seq(conn)
             # Free every address that moves before inserting any: in a complete desired set
             # an address may pass from one VM to another within this one transaction.
             conn.executemany("DELETE FROM addresses WHERE name = ?", ((name,) for name in readdressed))
+            conn.executemany(_TOMBSTONE, ((vm.name, seq) for vm in gone))
             conn.executemany("DELETE FROM vms WHERE name = ?", ((vm.name,) for vm in gone))
-            conn.executemany(_UPSERT_VM, (_vm_row(entry, now) for entry in upserts))
+            conn.executemany(_UPSERT_VM, (_vm_row(entry, now, seq) for entry in upserts))
             conn.executemany("INSERT INTO addresses(address, name) VALUES (?, ?)", _address_rows(new_addresses))
             self._commit(conn, _nothing)
         if plumber is not None:
@@ -467,9 +482,25 @@ class Store:
 
     # -- the file -----------------------------------------------------------------------
 
-    @staticmethod
-    def _holder(current: dict[str, VM], address: str) -> str | None:
-        return next((vm.name for vm in current.values() if address in vm.addresses), None)
+    def _current(self, conn: sqlite3.Connection, names: Sequence[str] | None = None) -> dict[str, VM]:
+        """The registry inside the transaction (only `names`, when given), by name."""
+        try:
+            return {vm.name: vm for vm in read_vms(conn, names)}
+        except sqlite3.Error as exc:
+            raise RegistryDamaged(f"registry {self.path}: {exc}") from None
+
+    def _next_seq(self, conn: sqlite3.Connection) -> int:
+        """This write transaction's sequence number (call once, before writing), and the
+        tombstones that fell out of the window dropped, with meta.pruned saying so."""
+        conn.execute("UPDATE meta SET seq = seq + 1")
+        row = conn.execute("SELECT seq FROM meta").fetchone()
+        if row is None:
+            raise RegistryDamaged(f"registry {self.path}: not a registry (its meta row is missing)")
+        seq: int = row[0]
+        horizon = seq - self.tombstone_window
+        if conn.execute("DELETE FROM removed WHERE seq <= ?", (horizon,)).rowcount > 0:
+            conn.execute("UPDATE meta SET pruned = ? WHERE pruned < ?", (horizon, horizon))
+        return seq
 
     def _check_file(self) -> None:
         """RegistryDamaged unless the file is empty or starts like an SQLite database."""
@@ -497,19 +528,16 @@ class Store:
                 conn.close()
         except sqlite3.Error as exc:
             raise RegistryDamaged(f"registry {self.path}: {exc}") from None
-        if version not in (0, SCHEMA_VERSION):
+        if version != 0 and version not in TABLES:
             raise RegistryDamaged(
                 f"registry {self.path}: schema version {version}, this program knows {SCHEMA_VERSION}"
             )
         # Version 0 with only our tables is a creation interrupted before the version was set.
-        if version == 0 and tables - OUR_TABLES:
-            raise RegistryDamaged(
-                f"registry {self.path}: not a registry (unknown table {sorted(tables - OUR_TABLES)[0]})"
-            )
-        if version == SCHEMA_VERSION and not OUR_TABLES <= tables:
-            raise RegistryDamaged(
-                f"registry {self.path}: not a registry (table {sorted(OUR_TABLES - tables)[0]} missing)"
-            )
+        ours = TABLES[version or SCHEMA_VERSION]
+        if version == 0 and tables - ours:
+            raise RegistryDamaged(f"registry {self.path}: not a registry (unknown table {sorted(tables - ours)[0]})")
+        if version != 0 and not ours <= tables:
+            raise RegistryDamaged(f"registry {self.path}: not a registry (table {sorted(ours - tables)[0]} missing)")
 
     def ensure_directory(self) -> None:
         """Create the registry's directory with its owner and mode if it does not exist yet.
@@ -577,19 +605,20 @@ class Store:
             os.umask(old)
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[tuple[sqlite3.Connection, dict[str, VM]]]:
-        """An open ``BEGIN IMMEDIATE`` transaction and the registry as it is inside it.
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """An open ``BEGIN IMMEDIATE`` transaction on a registry of the current schema.
 
-        The caller commits with `_commit`; leaving the block any other way rolls back.
+        The caller reads what it needs and commits with `_commit`; leaving the block any
+        other way rolls back, a version-1 upgrade included.
         """
         conn = self._open_for_write()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                current = {vm.name: vm for vm in read_vms(conn)}
+                upgrade(conn)
             except sqlite3.Error as exc:
                 raise RegistryDamaged(f"registry {self.path}: {exc}") from None
-            yield conn, current
+            yield conn
         except sqlite3.Error as exc:
             raise StoreError(f"registry {self.path}: {exc}") from None
         finally:
@@ -607,14 +636,16 @@ class Store:
 
 
 _UPSERT_VM = (
-    "INSERT INTO vms(name, vm_id, token, token_exp, netns, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "INSERT INTO vms(name, vm_id, token, token_exp, netns, updated_at, seq) VALUES (?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(name) DO UPDATE SET vm_id = excluded.vm_id, token = excluded.token, "
-    "token_exp = excluded.token_exp, netns = excluded.netns, updated_at = excluded.updated_at"
+    "token_exp = excluded.token_exp, netns = excluded.netns, updated_at = excluded.updated_at, seq = excluded.seq"
 )
+# One per name: a VM removed twice (added again in between) needs only its last removal.
+_TOMBSTONE = "INSERT OR REPLACE INTO removed(name, seq) VALUES (?, ?)"
 
 
-def _vm_row(entry: Entry, now: int) -> tuple[object, ...]:
-    return (entry.name, entry.vm_id, entry.token, entry.token_exp, entry.netns, now)
+def _vm_row(entry: Entry, now: int, seq: int) -> tuple[object, ...]:
+    return (entry.name, entry.vm_id, entry.token, entry.token_exp, entry.netns, now, seq)
 
 
 def _address_rows(entries: Iterable[Entry]) -> Iterator[tuple[str, str]]:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -30,7 +29,7 @@ from .forward import (
 )
 from .guards import Refusal
 from .limits import Limiter
-from .logs import AccessLog
+from .logs import AccessLog, new_request_id
 from .metrics import Metrics
 from .registry import VM, Registry, RegistryUnavailable
 from .sessions import SessionTokens
@@ -77,7 +76,7 @@ class Exchange:
         self.scope = scope
         self.receive = receive
         self.send = send
-        self.request_id = secrets.token_hex(8)
+        self.request_id = new_request_id()
         client = scope.get("client")
         self.peer: str = client[0] if client else ""
         self.vm: VM | None = None
@@ -241,8 +240,9 @@ class ProxyApp:
             vm = self.registry.lookup(address)
         finally:
             if self.registry.generation != self._generation:
+                changed = self.registry.changed_since(self._generation)
                 self._generation = self.registry.generation
-                self.registry_changed(self._known)
+                self.registry_changed(self._known, changed)
                 self._known = self.registry.by_address()
         return vm
 
@@ -253,18 +253,20 @@ class ProxyApp:
         except RegistryUnavailable:
             return False
 
-    def registry_changed(self, before: Mapping[str, VM]) -> None:
+    def registry_changed(self, before: Mapping[str, VM], changed: Mapping[str, VM] | None = None) -> None:
         """Drop the cache of VMs removed or re-keyed; close the connections of addresses
-        whose VM went away or changed hands."""
+        whose VM went away or changed hands. `changed`: the VMs of `before`, by name, that
+        were replaced or removed since (None: any may have been), so that a change costs
+        what it touched, not what the registry holds."""
         self.metrics.registry_reloads.inc()
-        now = self.registry.by_address()
-        tokens = {vm.name: vm.token for vm in now.values()}
-        for vm in {vm.name: vm for vm in before.values()}.values():
-            if tokens.get(vm.name) != vm.token:
+        now, names = self.registry.by_address(), self.registry.by_name()
+        then = before if changed is None else {a: vm for vm in changed.values() for a in vm.addresses}
+        for vm in {vm.name: vm for vm in then.values()}.values():
+            if (current := names.get(vm.name)) is None or current.token != vm.token:
                 self.cache.drop_vm(vm.name)
         gone = {
             address
-            for address, vm in before.items()
+            for address, vm in then.items()
             if (current := now.get(address)) is None or (current.name, current.vm_id) != (vm.name, vm.vm_id)
         }
         if gone and self.close_connections is not None:
@@ -447,23 +449,21 @@ class ProxyApp:
         name = vm.name if vm else None
         self.metrics.labelled(self.metrics.requests, name or "", ex.route, str(ex.status)).inc()
         if ex.code:
-            self.metrics.refusals.labels(ex.code).inc()
+            self.metrics.labelled(self.metrics.refusals, ex.code).inc()  # hot when a guest floods us
         raw_path = ex.scope.get("raw_path") or b""
         self.access_log.write(
-            {
-                "request_id": ex.request_id,
-                "peer": ex.peer,
-                "vm": name,
-                "vm_id": vm.vm_id if vm else None,
-                "method": ex.scope.get("method"),
-                "path": raw_path.decode("latin-1"),
-                "route": ex.route or None,
-                "status": ex.status,
-                "code": ex.code,
-                "duration_ms": duration_ms,
-                "upstream_status": ex.upstream_status,
-                "cache": ex.cache,
-            }
+            request_id=ex.request_id,
+            peer=ex.peer,
+            vm=name,
+            vm_id=vm.vm_id if vm else None,
+            method=ex.scope.get("method"),
+            path=raw_path.decode("latin-1"),
+            route=ex.route or None,
+            status=ex.status,
+            code=ex.code,
+            duration_ms=duration_ms,
+            upstream_status=ex.upstream_status,
+            cache=ex.cache,
         )
 
     # -- lifespan -----------------------------------------------------------------------

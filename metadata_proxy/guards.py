@@ -7,6 +7,7 @@ to tell a good request from a bad one. Header names arrive lowercased (ASGI).
 from __future__ import annotations
 
 import ipaddress
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ LOCAL_TOKEN = b"/metadata/v1/token"
 LOCAL_ENDPOINTS = {LOCAL_INSTANCE: "GET", LOCAL_TOKEN: "PUT"}
 # Percent-decoding rounds before a path counts as deliberately obfuscated.
 _MAX_DECODES = 3
+# A path with none of the bytes that the full check looks for ('%' to decode, '.' of a dot
+# segment, '\', C0 controls, DEL, anything non-ASCII) cannot fail it: nearly every real path.
+_PLAIN_PATH = re.compile(rb"/[^%.\\\x00-\x1f\x7f-\xff]*")
+# C0, DEL and C1 controls (U+0080..U+009F: NEL and friends end lines in some parsers), and '\'.
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,14 +154,15 @@ def check_path(raw_path: bytes) -> Refusal | None:
     Each is checked on the path as sent and after each round of percent-decoding, so
     ``%2e%2e``, ``%252e%252e`` and ``%2F`` cannot climb out of a route prefix.
     """
+    if _PLAIN_PATH.fullmatch(raw_path):
+        return None  # one C-speed scan; the rounds below cost several µs a request (bench/)
     current = raw_path
     for _ in range(_MAX_DECODES + 1):
         try:
             text = current.decode("utf-8")
         except UnicodeDecodeError:
             return BAD_PATH
-        # C0, DEL and C1 controls (U+0080..U+009F: NEL and friends end lines in some parsers).
-        if not text.startswith("/") or "\\" in text or any(c < " " or "\x7f" <= c <= "\x9f" for c in text):
+        if not text.startswith("/") or _UNSAFE_CHARS.search(text):
             return BAD_PATH
         if _climbs(text):
             return BAD_PATH

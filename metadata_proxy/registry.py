@@ -4,16 +4,27 @@ Both sides import this module, so the schema and the read helpers exist once.
 
 Schema (``PRAGMA user_version`` = SCHEMA_VERSION)::
 
-    vms(name PK, vm_id, token, token_exp NULL, netns NULL, updated_at)
+    meta(one = 1 PK, id, seq, pruned)           a single row: the file's history
+    vms(name PK, vm_id, token, token_exp NULL, netns NULL, updated_at, seq)
     addresses(address PK, name -> vms.name ON DELETE CASCADE)
+    removed(name PK, seq)                       tombstones of removed VMs
 
 Addresses are stored in canonical text form (``ipaddress`` compressed), so the proxy's
 lookup is a dict hit on the peer address string that uvicorn hands it.
 
+Every write transaction bumps ``meta.seq`` once and stamps each VM row it writes (added or
+replaced, addresses included: they go with their row) and each tombstone with it, so a
+reader that has seen sequence S finds everything since in ``vms`` and ``removed`` rows with
+``seq > S``. The writer prunes old tombstones and raises ``meta.pruned``: a reader older
+than that re-reads everything. ``meta.id`` is drawn when the file is made; another id is
+another history. Version 1 had no meta, seq or tombstones: the proxy still reads it (in
+full, every time), and `hostagent` upgrades it inside its next write transaction.
+
 The proxy side is `Registry`: an in-memory snapshot that re-checks the file on every
-request (a ``stat`` and a read of the 100-byte SQLite header, a few microseconds) and
-reloads when anything changed. That is what makes a `hostagent` change effective for
-the very next request in every worker, and a damaged file noticed at once:
+request (a ``stat`` and a read of the 100-byte SQLite header on a file kept open, a couple
+of microseconds) and, when it changed, reads only what changed since its sequence. That
+makes a `hostagent` change effective for the very next request in every worker, and a
+damaged file noticed at once, at a cost that follows the change, not the registry's size:
 
     RegistryError
     └── RegistryUnavailable   the file exists but cannot be read or is not a registry
@@ -21,31 +32,48 @@ the very next request in every worker, and a damaged file noticed at once:
 
 from __future__ import annotations
 
+import collections
 import ipaddress
+import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS vms (
-    name       TEXT PRIMARY KEY,
-    vm_id      TEXT NOT NULL,
-    token      TEXT NOT NULL,
-    token_exp  INTEGER,
-    netns      TEXT,
-    updated_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS addresses (
-    address TEXT PRIMARY KEY,
-    name    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE
-);
-CREATE INDEX IF NOT EXISTS addresses_by_name ON addresses(name);
-"""
+# Version 1, then what version 2 adds to it: a new file runs both, an old one the second.
+# Single statements, not a script: sqlite3's executescript would commit the caller's transaction.
+_SCHEMA_V1 = (
+    """CREATE TABLE vms (
+        name       TEXT PRIMARY KEY,
+        vm_id      TEXT NOT NULL,
+        token      TEXT NOT NULL,
+        token_exp  INTEGER,
+        netns      TEXT,
+        updated_at INTEGER NOT NULL
+    )""",
+    """CREATE TABLE addresses (
+        address TEXT PRIMARY KEY,
+        name    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE
+    )""",
+    "CREATE INDEX addresses_by_name ON addresses(name)",
+)
+_SCHEMA_V2 = (
+    "ALTER TABLE vms ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX vms_by_seq ON vms(seq)",
+    "CREATE TABLE removed (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+    "CREATE INDEX removed_by_seq ON removed(seq)",
+    """CREATE TABLE meta (
+        one    INTEGER PRIMARY KEY CHECK (one = 1),
+        id     TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        pruned INTEGER NOT NULL
+    )""",
+)
+TABLES = {1: frozenset({"vms", "addresses"}), 2: frozenset({"vms", "addresses", "removed", "meta"})}
 
 
 class RegistryError(Exception):
@@ -80,17 +108,22 @@ def canonical_address(text: str) -> str:
 
 
 def connect_readonly(path: str) -> sqlite3.Connection:
-    """Open the registry read-only: the proxy runs without write access to it."""
+    """Open the registry read-only: the proxy runs without write access to it.
+
+    Autocommit (isolation_level None): a reader that needs several statements to agree
+    says ``BEGIN`` itself.
+    """
     uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # quoted: '?', '#', '%' are legal in paths
     # timeout 0: never block the event loop on a lock; Registry.refresh decides what a lock means.
-    return sqlite3.connect(uri, uri=True, timeout=0, check_same_thread=False)
+    return sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
 
 
 def connect_readwrite(path: str) -> sqlite3.Connection:
     """Open (creating if needed) the registry for `hostagent`, schema in place.
 
     Rollback-journal mode, not WAL: a WAL reader needs write access to the -shm file,
-    and the proxy has none.
+    and the proxy has none. A version-1 file is opened as it is: `upgrade` brings it up
+    to date inside the first write transaction.
     """
     conn = sqlite3.connect(path, timeout=5.0, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
@@ -101,26 +134,78 @@ def connect_readwrite(path: str) -> sqlite3.Connection:
             conn.close()
             raise RegistryUnavailable(f"{path}: an SQLite file, but not a registry of ours")
         # One transaction: a reader never sees the tables without the version, or half of them.
-        conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-    elif version != SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA_V1:
+            conn.execute(statement)
+        _upgrade_to_v2(conn)
+        conn.execute("COMMIT")
+    elif version not in TABLES:
         conn.close()
         raise RegistryUnavailable(f"{path}: schema version {version}, this program knows {SCHEMA_VERSION}")
     return conn
 
 
-def read_vms(conn: sqlite3.Connection) -> list[VM]:
-    """Every VM with its addresses, in name order. Raises sqlite3.Error on damage."""
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a version-1 registry up to SCHEMA_VERSION inside the caller's write transaction,
+    so that a command that fails leaves the file as it found it, version included."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
+        _upgrade_to_v2(conn)
+
+
+def _upgrade_to_v2(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V2:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta(one, id, seq, pruned) VALUES (1, ?, 0, 0)", (os.urandom(8).hex(),))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def read_vms(conn: sqlite3.Connection, names: Collection[str] | None = None) -> list[VM]:
+    """Every VM (or those of `names`) with its addresses, in name order. Raises sqlite3.Error on damage."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version != SCHEMA_VERSION:
+    if version not in TABLES:
         raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
-    addresses: dict[str, list[str]] = {}
-    for address, name in conn.execute("SELECT address, name FROM addresses ORDER BY address"):
-        addresses.setdefault(name, []).append(address)
-    return [
-        VM(name, vm_id, token, token_exp, netns, tuple(addresses.get(name, ())))
-        for name, vm_id, token, token_exp, netns in conn.execute(
-            "SELECT name, vm_id, token, token_exp, netns FROM vms ORDER BY name"
+    if names is None:
+        return _vms(
+            conn.execute("SELECT name, vm_id, token, token_exp, netns FROM vms ORDER BY name"),
+            conn.execute("SELECT address, name FROM addresses ORDER BY address"),
         )
+    wanted = sorted(set(names))
+    marks = ", ".join("?" * len(wanted))
+    return _vms(
+        conn.execute(
+            f"SELECT name, vm_id, token, token_exp, netns FROM vms WHERE name IN ({marks}) ORDER BY name", wanted
+        ),
+        conn.execute(f"SELECT address, name FROM addresses WHERE name IN ({marks}) ORDER BY address", wanted),
+    )
+
+
+def _read_since(conn: sqlite3.Connection, seq: int) -> tuple[list[VM], list[str]]:
+    """The VMs written and the names removed after sequence `seq` (schema 2)."""
+    written = _vms(
+        conn.execute("SELECT name, vm_id, token, token_exp, netns FROM vms WHERE seq > ?", (seq,)),
+        # CROSS JOIN keeps the rows written after `seq` the outer loop: for ORDER BY, SQLite
+        # would rather walk every address in index order and look up each one's VM.
+        conn.execute(
+            "SELECT a.address, a.name FROM vms v CROSS JOIN addresses a ON a.name = v.name WHERE v.seq > ?"
+            " ORDER BY a.address",
+            (seq,),
+        ),
+    )
+    removed = [name for (name,) in conn.execute("SELECT name FROM removed WHERE seq > ?", (seq,))]
+    return written, removed
+
+
+def _vms(
+    rows: Iterable[tuple[str, str, str, int | None, str | None]], addresses: Iterable[tuple[str, str]]
+) -> list[VM]:
+    """VMs from their rows and (address, name) rows in address order: every read gives a
+    VM's addresses in the same order, or an unchanged VM would look changed."""
+    by_name: dict[str, list[str]] = {}
+    for address, name in addresses:
+        by_name.setdefault(name, []).append(address)
+    return [
+        VM(name, vm_id, token, token_exp, netns, tuple(by_name.get(name, ())))
+        for name, vm_id, token, token_exp, netns in rows
     ]
 
 
@@ -128,13 +213,37 @@ def index_by_address(vms: Iterable[VM]) -> dict[str, VM]:
     return {address: vm for vm in vms for address in vm.addresses}
 
 
-# The part of the file whose change means "reload": inode (a file replaced by rename),
-# size, mtime and ctime, and the SQLite header (its change counter moves on every commit,
-# and garbage written over it shows up there first).
-_Fingerprint = tuple[int, int, int, int, bytes]
-_STALE: _Fingerprint = (-1, -1, -1, -1, b"")  # never equal to a real file's
+# What the file looks like from outside: device and inode (a file replaced by rename), size,
+# mtime and ctime, and the SQLite header (its change counter moves on every commit, and
+# garbage written over it shows up there first). None: there is no file.
+_Fingerprint = tuple[int, int, int, int, int, bytes]
+_STALE: _Fingerprint = (-1, -1, -1, -1, -1, b"")  # never equal to a real file's
 # A hostagent commit holds SQLite's lock for milliseconds; a lock held longer is a fault.
 LOCK_PATIENCE = 0.5
+# Generations come from one counter per process, so a Registry that replaces another (a
+# reloaded config naming another file) starts above every generation the app has seen:
+# connections stamped with an old one still count as accepted before its changes.
+_GENERATIONS = itertools.count(1)
+# When more VMs were written since the snapshot than both of these (a count and a share of
+# the snapshot's), reading them row by row through the index costs more than a full read.
+REWRITTEN_COUNT = 1000
+REWRITTEN_SHARE = 0.25
+# How many generations back `changed_since` can answer; the app asks after every refresh.
+CHANGES_KEPT = 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """Which file, and which point of its history, the snapshot was read from."""
+
+    inode: tuple[int, int]  # (st_dev, st_ino)
+    id: str | None  # meta.id; None for a version-1 file, which has no history to follow
+    seq: int
+    size: int
+
+
+# What one read found: every VM, or the VMs written and the names removed since the snapshot.
+_Read = list[VM] | tuple[list[VM], list[str]]
 
 
 def _locked(exc: sqlite3.Error) -> bool:
@@ -145,7 +254,15 @@ class Registry:
     """The proxy's read-only, change-aware view of the registry.
 
     `lookup()` is called once per guest request. It costs a ``stat`` and a 100-byte
-    ``pread`` when nothing changed, and a full reload when anything did.
+    ``pread`` when nothing changed; when something did, the rows written or removed since
+    the snapshot's sequence are read and applied to it, and the VMs they replaced or
+    removed are kept for `changed_since`. It reads everything on the first load, after
+    an error, for a version-1 file, for another file (inode or meta.id), when its sequence
+    is older than the tombstones kept, and when the file changed without a write of
+    `hostagent` (same sequence, or smaller): whatever did that, a full read shows it, damage
+    included. (Damage that lands between a hostagent write and the next check, in pages
+    neither touches, goes unseen until a full read: the snapshot keeps what was committed.)
+
     A missing file is an empty registry; an unreadable or damaged one raises
     RegistryUnavailable until it is readable again (fail closed: never attach a token
     the registry may have dropped).
@@ -153,30 +270,66 @@ class Registry:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._fd: int | None = None  # the file, kept open: its header is read on every request
+        self._fd_inode = (-1, -1)
         self._fingerprint: _Fingerprint | None = None
+        self._source: _Source | None = None  # None: the next read is a full one
+        # The last good snapshot. by_address is replaced, never changed in place (see _apply);
+        # by_name is ours alone and updated in place.
+        self._by_name: dict[str, VM] = {}
         self._by_address: dict[str, VM] = {}
-        self._vms: tuple[VM, ...] = ()
+        self._vms: tuple[VM, ...] | None = ()  # built on demand (metrics scrapes), then kept
         self._error: str | None = None
         self._locked_since: float | None = None
-        self.generation = 0  # bumped on every successful reload that changed something
+        self.generation = next(_GENERATIONS)  # a new one on every refresh that changed the VM set
+        # (generation before, generation after, the VMs of before that after replaced or removed)
+        self._changes: collections.deque[tuple[int, int, list[VM]]] = collections.deque(maxlen=CHANGES_KEPT)
 
-    # -- reading --------------------------------------------------------------------
+    # -- the file -------------------------------------------------------------------------
 
-    def _current_fingerprint(self) -> _Fingerprint | None:
+    def _current_fingerprint(self, *, reopen: bool = True) -> _Fingerprint | None:
+        """The file's fingerprint, read through the kept descriptor (two syscalls instead of
+        open, fstat, pread, close). A path that names another inode than the descriptor's
+        is reopened; with `reopen` False (inside an SQLite read, where closing a descriptor
+        of the file would drop SQLite's POSIX lock on it) it is reported as _STALE instead.
+        """
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.stat(self.path)
         except FileNotFoundError:
+            if reopen:
+                self.close()
             return None
         except OSError as exc:
             raise RegistryUnavailable(f"{self.path}: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != self._fd_inode or self._fd is None:
+            if not reopen:
+                return _STALE
+            self.close()
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise RegistryUnavailable(f"{self.path}: {exc.strerror}") from None
+            self._fd = fd
+            st = os.fstat(fd)  # the inode actually opened, should the path have moved again
+            self._fd_inode = (st.st_dev, st.st_ino)
         try:
-            st = os.fstat(fd)
-            header = os.pread(fd, 100, 0)
-        except OSError as exc:
+            header = os.pread(self._fd, 100, 0)
+        except OSError as exc:  # a directory, an I/O error
             raise RegistryUnavailable(f"{self.path}: {exc.strerror}") from None
-        finally:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, header)
+
+    def close(self) -> None:
+        """Let go of the kept file descriptor (the next check reopens it)."""
+        if self._fd is not None:
+            fd, self._fd, self._fd_inode = self._fd, None, (-1, -1)
             os.close(fd)
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, header)
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
 
     def refresh(self) -> bool:
         """Bring the snapshot up to date with the file; True when the VM set changed.
@@ -185,56 +338,128 @@ class Registry:
         """
         try:
             fingerprint = self._current_fingerprint()
+            if fingerprint == self._fingerprint and self._error is None:
+                return False
+            if fingerprint is None:
+                self._source, self._fingerprint = None, None
+                self._error = self._locked_since = None
+                return self._replace([])
+            conn = connect_readonly(self.path)
+            try:
+                fingerprint, source, read = self._read(conn)
+            finally:
+                conn.close()  # ends the read transaction too
         except RegistryUnavailable as exc:
             self._fail(str(exc))
             raise
-        if fingerprint == self._fingerprint and self._error is None:
-            return False
+        except sqlite3.Error as exc:
+            if _locked(exc) and self._error is None:
+                now = time.monotonic()
+                self._locked_since = self._locked_since or now
+                if now - self._locked_since < LOCK_PATIENCE:
+                    # A writer is committing, so its command has not returned yet and the
+                    # snapshot from before it is still the truth (SQLite's own readers see
+                    # the same). The fingerprint stays old: the next call reads again.
+                    return False
+            self._fail(f"{self.path}: {exc}")
+            raise RegistryUnavailable(self._error) from None
+        self._fingerprint, self._source = fingerprint, source
+        self._error = self._locked_since = None
+        if isinstance(read, list):
+            return self._replace(read)
+        return self._apply(*read)
+
+    def _read(self, conn: sqlite3.Connection) -> tuple[_Fingerprint, _Source, _Read]:
+        """One read transaction: the fingerprint of exactly what it read, where it read it,
+        and either every VM (a list) or what changed since the snapshot."""
+        conn.execute("BEGIN")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        # From here until COMMIT SQLite holds a shared lock: no commit can land, so the
+        # fingerprint taken now is the state this transaction reads (one taken before
+        # opening could be older, and the next refresh would take the same commit for a
+        # change that no write of hostagent explains).
+        fingerprint = self._current_fingerprint(reopen=False)
         if fingerprint is None:
-            vms: list[VM] = []
-        else:
-            try:
-                conn = connect_readonly(self.path)
-                try:
-                    vms = read_vms(conn)
-                finally:
-                    conn.close()
-            except sqlite3.Error as exc:
-                if _locked(exc) and self._error is None:
-                    now = time.monotonic()
-                    self._locked_since = self._locked_since or now
-                    if now - self._locked_since < LOCK_PATIENCE:
-                        # A writer is committing, so its command has not returned yet and the
-                        # snapshot from before it is still the truth (SQLite's own readers see
-                        # the same). The fingerprint stays old: the next call reads again.
-                        return False
-                self._fail(f"{self.path}: {exc}")
-                raise RegistryUnavailable(self._error) from None
-            self._locked_since = None
-            # A write may have landed between the stat and the read: take the
-            # fingerprint again so a later call re-reads rather than trusting a mix.
-            try:
-                if self._current_fingerprint() != fingerprint:
-                    fingerprint = _STALE
-            except RegistryUnavailable as exc:
-                self._fail(str(exc))
-                raise
-        self._fingerprint = fingerprint
-        self._error = None
-        new = tuple(vms)
-        if new == self._vms:
+            fingerprint = _STALE  # replaced or removed while being opened: re-check next time
+        inode, size = (fingerprint[0], fingerprint[1]), fingerprint[2]
+        if version == 1:
+            return fingerprint, _Source(inode, None, 0, size), read_vms(conn)
+        if version != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
+        meta = conn.execute("SELECT id, seq, pruned FROM meta").fetchone()
+        if meta is None:
+            raise sqlite3.DatabaseError("no meta row: not a registry of ours")
+        file_id, seq, pruned = meta
+        old, new = self._source, _Source(inode, file_id, seq, size)
+        if (
+            old is not None
+            and old.id is not None
+            and (old.inode, old.id) == (new.inode, new.id)
+            and pruned <= old.seq < seq  # the same sequence: a change that is not hostagent's
+            and old.size <= new.size  # and SQLite never shrinks the file without VACUUM
+            and not self._mostly_rewritten(conn, old.seq)
+        ):
+            return fingerprint, new, _read_since(conn, old.seq)
+        return fingerprint, new, read_vms(conn)
+
+    def _mostly_rewritten(self, conn: sqlite3.Connection, seq: int) -> bool:
+        """Whether so many VMs were written after `seq` (a `vm sync` that rewrote most of
+        them) that a full read costs less; counting index entries costs what changed."""
+        written: int = conn.execute("SELECT count(*) FROM vms WHERE seq > ?", (seq,)).fetchone()[0]
+        return written > REWRITTEN_COUNT and written > REWRITTEN_SHARE * len(self._by_name)
+
+    # -- applying -------------------------------------------------------------------------
+
+    def _replace(self, vms: list[VM]) -> bool:
+        """A full read: the new snapshot, compared with the last good one by name."""
+        by_name = {vm.name: vm for vm in vms}
+        replaced = [vm for name, vm in self._by_name.items() if by_name.get(name) != vm]
+        if not replaced and len(by_name) == len(self._by_name):  # nothing replaced, removed or added
             return False
-        self._vms = new
-        self._by_address = index_by_address(new)
-        self.generation += 1
+        self._install(by_name, index_by_address(vms), replaced)
         return True
 
+    def _apply(self, written: list[VM], removed: list[str]) -> bool:
+        """What changed since the snapshot's sequence, applied to it."""
+        by_name = self._by_name
+        # A name both removed and written since was added again after its removal (its row
+        # is there now): written wins, even when it came back exactly as it was.
+        gone = [name for name in set(removed).difference(vm.name for vm in written) if name in by_name]
+        written = [vm for vm in written if by_name.get(vm.name) != vm]
+        again = {vm.name for vm in written}
+        if not written and not gone:
+            return False
+        replaced = [vm for name in itertools.chain(gone, again) if (vm := by_name.pop(name, None)) is not None]
+        by_name.update((vm.name, vm) for vm in written)
+        # by_address is copied, never changed in place: the app compares the one it saw
+        # last with the new one. A copy is a memcpy while the dict has no deleted slots, so
+        # an address that stays (a rotated token) is overwritten rather than deleted and
+        # added again. All old addresses go before new ones come: within one `vm sync` an
+        # address can pass from one VM to another.
+        taken = {address: vm for vm in written for address in vm.addresses}
+        by_address = dict(self._by_address)
+        for vm in replaced:
+            for address in vm.addresses:
+                if address not in taken:
+                    del by_address[address]
+        by_address.update(taken)
+        self._install(by_name, by_address, replaced)
+        return True
+
+    def _install(self, by_name: dict[str, VM], by_address: dict[str, VM], replaced: list[VM]) -> None:
+        self._by_name, self._by_address, self._vms = by_name, by_address, None
+        before, self.generation = self.generation, next(_GENERATIONS)
+        self._changes.append((before, self.generation, replaced))
+
     def _fail(self, message: str) -> None:
+        # The last good snapshot stays (hidden): once the file is readable again, a change
+        # is what differs from it, which is also what the app last saw.
         self._error = message
         self._locked_since = None
         self._fingerprint = _STALE
-        self._by_address = {}
-        self._vms = ()
+        self._source = None
+
+    # -- the view -------------------------------------------------------------------------
 
     def lookup(self, address: str) -> VM | None:
         """The VM holding `address` now, or None. Raises RegistryUnavailable."""
@@ -247,6 +472,29 @@ class Registry:
                 return None
         return vm
 
+    def changed_since(self, generation: int) -> Mapping[str, VM] | None:
+        """By name, the VMs as they were at `generation` that have since been replaced or
+        removed (not those added since: nothing of theirs can be stale), so that who reacts
+        to a change pays for the change, not for the registry. None when this registry cannot
+        tell (a generation it did not make, or too old): compare everything.
+        """
+        if generation == self.generation:
+            return {}
+        parts: list[list[VM]] = []
+        want = self.generation
+        for before, after, replaced in reversed(self._changes):
+            if after != want:
+                break
+            parts.append(replaced)
+            if before == generation:
+                then: dict[str, VM] = {}
+                for part in reversed(parts):  # oldest first: a VM as it was at `generation`
+                    for vm in part:
+                        then.setdefault(vm.name, vm)
+                return then
+            want = before
+        return None
+
     @property
     def error(self) -> str | None:
         """Why the registry is unavailable, or None when the last read worked."""
@@ -254,7 +502,17 @@ class Registry:
 
     @property
     def vms(self) -> tuple[VM, ...]:
+        """Every VM in name order (none while unavailable)."""
+        if self._error is not None:
+            return ()
+        if self._vms is None:
+            self._vms = tuple(self._by_name[name] for name in sorted(self._by_name))
         return self._vms
 
     def by_address(self) -> Mapping[str, VM]:
-        return self._by_address
+        """Address -> VM (empty while unavailable); never changed in place."""
+        return {} if self._error is not None else self._by_address
+
+    def by_name(self) -> Mapping[str, VM]:
+        """Name -> VM (empty while unavailable); updated in place by the next change."""
+        return {} if self._error is not None else self._by_name

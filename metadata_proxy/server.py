@@ -16,14 +16,13 @@ import ipaddress
 import json
 import logging
 import os
-import secrets
 import selectors
 import signal
 import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn
 
@@ -36,7 +35,7 @@ from .admin import UpstreamProbe, create_admin_app
 from .app import ProxyApp
 from .config import Config, ConfigError, ListenAddress, check_input_files, load_config
 from .forward import build_client
-from .logs import AccessLog
+from .logs import AccessLog, new_request_id
 from .metrics import Metrics, forget_process
 from .registry import Registry
 from .sessions import SessionTokens
@@ -139,10 +138,16 @@ class GuestProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.proxy_app is not None:
             self.registry_generation = self.proxy_app.current_generation()
+        # At most one deadline timer per connection rather than one per request: a request
+        # head only notes when it began, and the timer, when it fires, re-arms itself for a
+        # head that began after it was armed (call_later and cancel on every request cost
+        # µs, bench/).
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_began = 0.0
         self._head_bytes = 0
         self._heads_begun = 0
+        self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
         super().connection_made(transport)  # type: ignore[arg-type]
         self._peer = self.client[0] if self.client else ""
         self.open_by_peer[self._peer] += 1
@@ -175,29 +180,34 @@ class GuestProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._head_began = self.loop.time()
         self._head_bytes = 0
         self._heads_begun += 1
         if self._head_timer is None:
+            self._timer_head = self._heads_begun
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._in_head = False  # the timer, if it fires before the next head, finds nothing to do
         super().on_headers_complete()
 
     def _head_timeout(self) -> None:
         self._head_timer = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        if not self._in_head:
+            if not self._heads_begun:
+                self.transport.close()  # connected and never sent a byte: nothing to answer
+            return  # every head so far was complete in time; the next one arms a timer again
+        if self._timer_head != self._heads_begun:
+            # Armed for an earlier head: this one's deadline runs from its own first byte.
+            self._timer_head = self._heads_begun
+            self._head_timer = self.loop.call_at(self._head_began + self.header_timeout, self._head_timeout)
+        elif self.cycle is not None and not self.cycle.response_complete:
             # A pipelined head behind a request still being answered: wait for that answer.
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
-        elif self._in_head:
-            self.refuse(guards.REQUEST_TIMEOUT)
         else:
-            self.transport.close()  # connected and never sent a byte: nothing to answer
+            self.refuse(guards.REQUEST_TIMEOUT)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what llhttp cannot parse (smuggling shapes included)."""
@@ -206,16 +216,21 @@ class GuestProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # llhttp rejects some requests only after their headers were complete and the app's
         # task was created (a Transfer-Encoding other than chunked, a malformed chunk): the
-        # app must not then forward what the guest was told is malformed.
-        async def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-            if not cycle.disconnected:
-                await app(scope, receive, send)
+        # app must not then forward what the guest was told is malformed. This runs when the
+        # task starts, and hands back the app's own coroutine: a coroutine awaiting it would be
+        # one more frame for each suspension and resumption of every request to pass through.
+        def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Awaitable[None]:
+            if cycle.disconnected:
+                nothing: asyncio.Future[None] = self.loop.create_future()
+                nothing.set_result(None)
+                return nothing
+            return app(scope, receive, send)
 
         super()._start_asgi_task(cycle, unless_refused)
 
     def refuse(self, refusal: guards.Refusal) -> None:
         """Answer for a request the app never saw, then close; counted and logged like the app's."""
-        request_id = secrets.token_hex(8)
+        request_id = new_request_id()
         cycle = self.cycle
         answering = cycle is not None and cycle.response_started and not cycle.response_complete
         if cycle is not None and not cycle.response_started:
@@ -236,10 +251,20 @@ class GuestProtocol(HttpToolsProtocol):
         self.transport.close()
         app = self.proxy_app
         if app is not None:
-            app.metrics.refusals.labels(refusal.code).inc()
-            entry = dict.fromkeys(("vm", "vm_id", "method", "path", "duration_ms", "upstream_status"))
+            app.metrics.labelled(app.metrics.refusals, refusal.code).inc()
             app.access_log.write(
-                {**entry, "request_id": request_id, "peer": self._peer, "status": refusal.status, "code": refusal.code}
+                request_id=request_id,
+                peer=self._peer,
+                vm=None,
+                vm_id=None,
+                method=None,
+                path=None,
+                route=None,
+                status=refusal.status,
+                code=refusal.code,
+                duration_ms=None,
+                upstream_status=None,
+                cache=None,
             )
 
 

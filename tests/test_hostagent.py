@@ -540,3 +540,58 @@ def test_store_reports_damage_as_registry_damaged(reg: Store) -> None:
     with pytest.raises(RegistryDamaged):
         reg.add(make_entry("a", ["10.0.0.1"], token()))
     assert Path(reg.path).read_bytes() == b"\0" * 4096
+
+
+def test_each_write_is_one_sequence_number_with_tombstones(reg: Store) -> None:
+    """What the proxy's incremental read relies on (test_registry.py reads it back)."""
+    entries = [make_entry(f"vm{i}", [f"10.0.0.{i}"], token(f"id{i}")) for i in range(1, 4)]
+    reg.sync(entries)
+    assert reg.add(entries[0]) == "unchanged"  # no write, no sequence number
+    reg.sync(
+        [
+            Entry("vm2", "id2", entries[1].token, entries[1].token_exp, ("10.0.0.3",)),  # replaced
+            Entry("vm4", "id4", entries[2].token, entries[2].token_exp, ("10.0.0.2",)),  # added
+        ]
+    )  # vm1 and vm3 removed
+    reg.remove("vm2")
+    conn = sqlite3.connect(f"file:{reg.path}?mode=ro", uri=True)
+    try:
+        meta = conn.execute("SELECT seq, pruned FROM meta").fetchone()
+        rows = dict(conn.execute("SELECT name, seq FROM vms"))
+        tombstones = dict(conn.execute("SELECT name, seq FROM removed"))
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+    assert version == 2 and meta == (3, 0)
+    assert rows == {"vm4": 2}
+    assert tombstones == {"vm1": 2, "vm3": 2, "vm2": 3}
+
+
+def test_a_version_1_registry_is_read_then_upgraded_by_the_next_write(agent: Agent) -> None:
+    path = agent.registry
+    path.parent.mkdir()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        "CREATE TABLE vms (name TEXT PRIMARY KEY, vm_id TEXT NOT NULL, token TEXT NOT NULL, token_exp INTEGER,"
+        " netns TEXT, updated_at INTEGER NOT NULL);"
+        "CREATE TABLE addresses (address TEXT PRIMARY KEY,"
+        " name TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE);"
+        "CREATE INDEX addresses_by_name ON addresses(name);"
+        "PRAGMA user_version = 1;"
+    )
+    old = token("id-old")
+    conn.execute("INSERT INTO vms VALUES ('old', 'id-old', ?, NULL, NULL, 1)", (old,))
+    conn.execute("INSERT INTO addresses VALUES ('10.0.0.1', 'old')")
+    conn.close()
+    assert [vm["name"] for vm in agent.list()] == ["old"]
+    before = dump(path)
+    one_line_failure(agent.add("new", "10.0.0.1"), "held by VM old")
+    assert dump(path) == before  # a failed command does not upgrade either
+    assert agent.add("new", "10.0.0.2").returncode == 0
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert dict(conn.execute("SELECT name, seq FROM vms")) == {"old": 0, "new": 1}
+    finally:
+        conn.close()
+    assert [vm["name"] for vm in agent.list()] == ["new", "old"]
