@@ -1043,3 +1043,28 @@ def test_bad_urls_are_refused() -> None:
             Upstream(url, timeout=1, retry_budget=0)
     with pytest.raises(ValueError, match="ssl_context"):
         Upstream("http://host", timeout=1, retry_budget=0, ssl_context=ssl.create_default_context())
+
+
+async def test_each_wait_gets_the_whole_timeout() -> None:
+    """One timer per connection re-arms itself: gaps each shorter than the timeout never time
+    out, however long the answer takes in all; a longer gap does, counted from its own start."""
+
+    async def drip(peer: Peer) -> None:
+        await peer.read_request()
+        await asyncio.sleep(0.12)
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0.12)
+            await peer.send(b"x")
+        await asyncio.sleep(10)
+
+    async with serve(drip) as srv, client(f"http://127.0.0.1:{srv.port}", timeout=0.2) as up:
+        resp = await up.request("GET", b"/", [])
+        body = resp.iter_body()
+        for _ in range(5):
+            assert await body.__anext__() == b"x"
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            await body.__anext__()
+        assert 0.18 <= time.monotonic() - started < 0.5
+        await resp.aclose()
