@@ -63,12 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging()
     metrics_dir = _metrics_storage(config.workers)
     try:
-        from . import server  # only now: see _metrics_storage
+        from . import server, workers  # only now: see _metrics_storage
 
         guest, admin = server.open_sockets(config, os.environ)
         notifier = systemd.Notifier.from_environ(os.environ)
         if metrics_dir is not None:
-            supervisor = server.Supervisor(
+            supervisor = workers.Supervisor(
                 config,
                 config_path=args.config,
                 guest_sockets=guest,

@@ -52,7 +52,7 @@ MISSING_METADATA = Refusal(400, "missing_metadata_header", "The request needs th
 INVALID_SESSION = Refusal(401, "invalid_session_token", "A valid X-Metadata-Token header is required.")
 INVALID_TTL = Refusal(400, "invalid_ttl", "X-Metadata-Token-TTL-Seconds must be an integer from 1 to 21600.")
 BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
-# Answered by the server's protocol (server.GuestProtocol) before the app sees a request.
+# Answered by the guest protocol (protocol.GuestProtocol) before the app sees a request.
 MALFORMED = Refusal(400, "bad_request", "The request is not valid HTTP/1.1.")
 REQUEST_TIMEOUT = Refusal(408, "request_timeout", "The request did not arrive in time.")
 TOO_MANY_CONNECTIONS = Refusal(

@@ -1,6 +1,6 @@
 """The service's lifecycle: sockets (bound or passed by systemd), two uvicorn servers (guest
 and admin) on one event loop, sd_notify, SIGHUP reload and SIGTERM drain; and, with
-`workers` > 1, the supervisor that forks the workers and speaks for them to systemd.
+`workers` > 1, one of the workers that `workers.Supervisor` forks.
 
 Signal handlers only record what was asked; `ProxyServer.run` (and `Supervisor.run`)
 act on it in order. We drive uvicorn's `startup`/`main_loop`/`shutdown` ourselves instead
@@ -13,35 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
-import selectors
 import signal
 import socket
-import sys
-import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, NoReturn
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import uvicorn
-import uvloop
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from . import guards, systemd, upstream
+from . import systemd, upstream
 from .admin import UpstreamProbe, create_admin_app
 from .app import ProxyApp
 from .config import Config, ConfigError, ListenAddress, check_input_files, load_config
 from .forward import build_client
-from .logs import AccessLog, new_request_id
-from .metrics import Metrics, forget_process
+from .logs import AccessLog
+from .metrics import Metrics
+from .protocol import GuestProtocol
 from .registry import Registry
 from .sessions import SessionTokens
-
-if TYPE_CHECKING:
-    from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 
 log = logging.getLogger("metadata_proxy")
 
@@ -49,17 +40,6 @@ log = logging.getLogger("metadata_proxy")
 DRAIN_SECONDS = 20.0
 # Idle keep-alive connections from guests are closed after this long.
 KEEP_ALIVE_SECONDS = 5
-# Slowloris: uvicorn has no timeout for a request head. A request's line and headers must
-# arrive within this long of its first byte (a new connection's first request, of the
-# accept); else 408 and close. Guests sit on the same host: a head takes milliseconds.
-HEADER_TIMEOUT = 5.0
-# llhttp buffers a head of any size, and the app's 32 KiB check runs only once the head
-# is complete: past this many bytes the protocol answers 431 itself and closes.
-MAX_HEAD_BYTES = 64 * 1024
-# Open connections per peer address: max_concurrent requests plus idle keep-alive ones,
-# and never so many that one VM could take the process's file descriptors from the rest.
-CONNECTIONS_PER_CONCURRENT = 4
-MIN_CONNECTIONS_PER_PEER = 32
 # An old upstream client is closed this long after a reload replaced it, so the requests
 # still using it finish first.
 OLD_CLIENT_GRACE = DRAIN_SECONDS
@@ -68,18 +48,9 @@ ADMIN_DRAIN_SECONDS = 2.0
 CLIENT_CLOSE_SECONDS = 2.0
 HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
-# The supervisor (workers > 1).
+# A worker and its supervisor (workers > 1) speak over a socketpair, a byte per message.
 READY_MESSAGE = b"R"  # worker to supervisor: serving (at start-up, and after each reload)
 DRAINED_MESSAGE = b"D"  # supervisor to the admin worker, when stopping: the others are done
-SUPERVISOR_TICK = 1.0
-# More worker deaths than this within the window and the supervisor stops restarting them.
-RESTART_LIMIT = 5
-RESTART_WINDOW = 60.0
-EXIT_GAVE_UP = 1
-# A worker that has not confirmed a reload by then no longer holds READY=1 back.
-RELOAD_SECONDS = 10.0
-# A worker's drain and its last steps; then it is killed. Under TimeoutStopSec (30 s).
-STOP_SECONDS = DRAIN_SECONDS + 6.0
 
 
 def bind_listen(entry: ListenAddress) -> socket.socket:
@@ -123,149 +94,6 @@ def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
         return None
     host, port = sock.getsockname()[:2]
     return ListenAddress(str(ipaddress.ip_address(host.split("%")[0])), port)
-
-
-class GuestProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, stamped with the registry generation at accept time,
-    with the bounds uvicorn lacks: a deadline and a size cap for each request head, and a
-    cap on open connections per peer. What it refuses gets the app's JSON envelope."""
-
-    registry_generation = 0
-    proxy_app: ProxyApp | None = None  # set on the per-server subclass
-    open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
-    header_timeout = HEADER_TIMEOUT
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.proxy_app is not None:
-            self.registry_generation = self.proxy_app.current_generation()
-        # At most one deadline timer per connection rather than one per request: a request
-        # head only notes when it began, and the timer, when it fires, re-arms itself for a
-        # head that began after it was armed (call_later and cancel on every request cost
-        # µs, bench/).
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._in_head = False  # between a request's first byte and the end of its headers
-        self._head_began = 0.0
-        self._head_bytes = 0
-        self._heads_begun = 0
-        self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
-        super().connection_made(transport)  # type: ignore[arg-type]
-        self._peer = self.client[0] if self.client else ""
-        self.open_by_peer[self._peer] += 1
-        limits = self.proxy_app.config.limits if self.proxy_app is not None else None
-        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * limits.max_concurrent if limits else 0)
-        if self.open_by_peer[self._peer] > cap:
-            self.refuse(guards.TOO_MANY_CONNECTIONS)
-        else:
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self.open_by_peer[self._peer] -= 1
-        if self.open_by_peer[self._peer] <= 0:
-            del self.open_by_peer[self._peer]
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        begun = self._heads_begun
-        super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
-            # All of `data` belongs to the head only when the head began before it; one
-            # that began inside it is counted from the next read (at most one read short).
-            if begun == self._heads_begun:
-                self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self.refuse(guards.HEADERS_TOO_LARGE)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_head = True
-        self._head_began = self.loop.time()
-        self._head_bytes = 0
-        self._heads_begun += 1
-        if self._head_timer is None:
-            self._timer_head = self._heads_begun
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False  # the timer, if it fires before the next head, finds nothing to do
-        super().on_headers_complete()
-
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if not self._in_head:
-            if not self._heads_begun:
-                self.transport.close()  # connected and never sent a byte: nothing to answer
-            return  # every head so far was complete in time; the next one arms a timer again
-        if self._timer_head != self._heads_begun:
-            # Armed for an earlier head: this one's deadline runs from its own first byte.
-            self._timer_head = self._heads_begun
-            self._head_timer = self.loop.call_at(self._head_began + self.header_timeout, self._head_timeout)
-        elif self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined head behind a request still being answered: wait for that answer.
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
-        else:
-            self.refuse(guards.REQUEST_TIMEOUT)
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to what llhttp cannot parse (smuggling shapes included)."""
-        self.refuse(guards.MALFORMED)
-
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # llhttp rejects some requests only after their headers were complete and the app's
-        # task was created (a Transfer-Encoding other than chunked, a malformed chunk): the
-        # app must not then forward what the guest was told is malformed. This runs when the
-        # task starts, and hands back the app's own coroutine: a coroutine awaiting it would be
-        # one more frame for each suspension and resumption of every request to pass through.
-        def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Awaitable[None]:
-            if cycle.disconnected:
-                nothing: asyncio.Future[None] = self.loop.create_future()
-                nothing.set_result(None)
-                return nothing
-            return app(scope, receive, send)
-
-        super()._start_asgi_task(cycle, unless_refused)
-
-    def refuse(self, refusal: guards.Refusal) -> None:
-        """Answer for a request the app never saw, then close; counted and logged like the app's."""
-        request_id = new_request_id()
-        cycle = self.cycle
-        answering = cycle is not None and cycle.response_started and not cycle.response_complete
-        if cycle is not None and not cycle.response_started:
-            cycle.disconnected = True  # the app, if it already runs, sees the guest gone
-            cycle.message_event.set()
-        if not answering and not self.transport.is_closing():  # never inside another answer
-            body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
-            headers = [
-                *self.server_state.default_headers,
-                (b"content-type", b"application/json"),
-                *refusal.headers,
-                (b"content-length", b"%d" % len(body)),
-                (b"x-request-id", request_id.encode()),
-                (b"connection", b"close"),
-            ]
-            lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
-            self.transport.write(STATUS_LINE[refusal.status] + lines + b"\r\n" + body)
-        self.transport.close()
-        app = self.proxy_app
-        if app is not None:
-            app.metrics.labelled(app.metrics.refusals, refusal.code).inc()
-            app.access_log.write(
-                request_id=request_id,
-                peer=self._peer,
-                vm=None,
-                vm_id=None,
-                method=None,
-                path=None,
-                route=None,
-                status=refusal.status,
-                code=refusal.code,
-                duration_ms=None,
-                upstream_status=None,
-                cache=None,
-            )
 
 
 def _uvicorn_config(
@@ -529,315 +357,3 @@ def open_sockets(config: Config, environ: Mapping[str, str]) -> tuple[list[socke
 
 
 # -- workers > 1: the supervisor ------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Worker:
-    slot: int  # slot 0 also serves the admin endpoint
-    pid: int
-    channel: socket.socket  # the supervisor's end
-    ready: bool = False
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            return f"killed by {signal.Signals(number).name}"
-        except ValueError:
-            return f"killed by signal {number}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-class Supervisor:
-    """`workers` > 1: the main process forks the workers and watches over them.
-
-    It holds what the workers share and is the one systemd hears from (the unit's
-    `NotifyAccess=main`):
-
-    - the listening sockets (systemd's or bound), inherited by every worker: the kernel
-      hands each new connection to one of the workers waiting on them;
-    - the session-token key, drawn before the first fork, so that every worker accepts a
-      token another one issued;
-    - READY=1 once every worker has reported ready on its channel; RELOADING=1 and READY=1
-      around a reload, which the supervisor validates first and then forwards as SIGHUP to
-      every worker; STOPPING=1 and the ordered stop of `_shutdown`.
-
-    Worker 0 also serves the admin endpoint; its /metrics sums the values of every process
-    (prometheus-client's multiprocess mode, files in `metrics_dir`). A worker that dies is
-    replaced, worker 0 with the admin socket, which stays open here meanwhile (scrapes wait
-    in its backlog), unless more than RESTART_LIMIT died within RESTART_WINDOW: restarting
-    is then not fixing it, and the service fails (exit 1) for systemd's Restart= to handle.
-
-    Signal handlers only set flags; the wakeup fd makes the loop notice them at once.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        *,
-        config_path: str,
-        guest_sockets: list[socket.socket],
-        admin_socket: socket.socket,
-        notifier: systemd.Notifier,
-        metrics_dir: str,
-    ) -> None:
-        self.config = config
-        self.config_path = config_path
-        self.guest_sockets = guest_sockets
-        self.admin_socket = admin_socket
-        self.notifier = notifier
-        self.metrics_dir = metrics_dir
-        # Drawn before any fork: one key for every worker.
-        self.sessions = SessionTokens()
-        # The supervisor's own share of the metrics: reloads, counted once for the service.
-        self.metrics = Metrics(multiprocess_dir=metrics_dir)
-        self.workers: dict[int, _Worker] = {}
-        self._deaths: deque[float] = deque()
-        self._stop = False
-        self._reload = False
-        self._announced = False  # READY=1 sent for the start-up
-        self._reload_waiting: set[int] | None = None  # workers yet to confirm the current reload
-        self._reload_deadline = 0.0
-        self._exit_code = 0
-
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self._stop = True
-
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self._reload = True
-
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 after giving up on the workers."""
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-        # Only so that a worker's death wakes the loop (through the wakeup fd); _reap acts.
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        log.info("supervisor pid %d: starting %d workers", os.getpid(), self.config.workers)
-        try:
-            for slot in range(self.config.workers):
-                self._spawn(slot)
-            while not self._stop:
-                self._poll(SUPERVISOR_TICK)
-                self._step()
-        finally:
-            self._shutdown()
-        return self._exit_code
-
-    def _poll(self, timeout: float) -> None:
-        """Wait for a signal or a worker's message, read what came, reap dead workers."""
-        for key, _ in self._selector.select(timeout):
-            if key.data is None:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(self._wake_r, 512):
-                        pass
-            else:
-                self._from_worker(key.data)
-        self._reap()
-
-    def _from_worker(self, worker: _Worker) -> None:
-        try:
-            data = worker.channel.recv(64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            # The worker is gone or going: _reap replaces it once it can be waited for.
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(worker.channel)
-            return
-        if READY_MESSAGE in data:  # started serving, or done reloading
-            worker.ready = True
-            if self._reload_waiting is not None:
-                self._reload_waiting.discard(worker.pid)
-
-    def _step(self) -> None:
-        if not self._announced and len(self.workers) == self.config.workers:
-            if all(worker.ready for worker in self.workers.values()):
-                self._announced = True
-                log.info("ready: %d workers serving", len(self.workers))
-                self.notifier.ready()
-        if self._reload_waiting is not None:
-            late = self._reload_waiting
-            if not late or time.monotonic() > self._reload_deadline:
-                if late:
-                    pids = ", ".join(str(pid) for pid in sorted(late))
-                    log.warning("reload: worker pid(s) %s did not confirm within %.0f s", pids, RELOAD_SECONDS)
-                log.info("reloaded %s in %d workers", self.config_path, len(self.workers))
-                self._reload_waiting = None
-                self.notifier.ready()
-        # One reload at a time, and none before the service is up.
-        if self._reload and self._announced and self._reload_waiting is None:
-            self._reload = False
-            self._begin_reload()
-
-    def _begin_reload(self) -> None:
-        self.notifier.reloading()
-        try:
-            new = load_config(self.config_path)
-            check_input_files(new)
-            build_client(new.control_plane)  # the checks each worker's reload makes (TLS files)
-        except (ConfigError, OSError, ValueError) as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
-            self.metrics.reloads.labels("refused").inc()
-            self.notifier.ready()
-            return
-        # Workers forked from now on start with it; the running ones re-read the file.
-        self.config, _ = keep_fixed(self.config, new)
-        self.metrics.reloads.labels("applied").inc()
-        self._reload_waiting = {pid for pid, worker in self.workers.items() if worker.ready}
-        self._reload_deadline = time.monotonic() + RELOAD_SECONDS
-        for pid in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is None:
-                continue
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(worker.channel)
-            worker.channel.close()
-            forget_process(pid, self.metrics_dir)  # its in-flight gauge no longer counts
-            if self._reload_waiting is not None:
-                self._reload_waiting.discard(pid)
-            if self._stop:
-                continue  # stopping: every worker is meant to exit
-            now = time.monotonic()
-            self._deaths.append(now)
-            while self._deaths[0] < now - RESTART_WINDOW:
-                self._deaths.popleft()
-            how = _describe(status)
-            if len(self._deaths) > RESTART_LIMIT:
-                log.error(
-                    "worker %d (pid %d) died: %s; %d deaths within %.0f s, giving up",
-                    worker.slot,
-                    pid,
-                    how,
-                    len(self._deaths),
-                    RESTART_WINDOW,
-                )
-                self._exit_code = EXIT_GAVE_UP
-                self._stop = True
-            else:
-                log.error("worker %d (pid %d) died: %s; restarting it", worker.slot, pid, how)
-                self._spawn(worker.slot)
-
-    def _spawn(self, slot: int) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # What sits in our buffers would be written a second time by the child.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # The worker inherits these blocked, and they stay pending until its own handlers
-        # exist (ProxyServer.run); ours would swallow them in the child meanwhile.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self._worker(slot, theirs, ours)  # never returns
-        except OSError:
-            ours.close()
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            theirs.close()
-        ours.setblocking(False)
-        worker = _Worker(slot, pid, ours)
-        self.workers[pid] = worker
-        self._selector.register(ours, selectors.EVENT_READ, worker)
-
-    def _worker(self, slot: int, channel: socket.socket, supervisor_end: socket.socket) -> NoReturn:
-        """The child's side of `_spawn`: undo the supervisor's set-up, then serve."""
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (*HANDLED_SIGNALS, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)  # the first three stay blocked until run()
-            self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            supervisor_end.close()
-            for other in self.workers.values():
-                # A copy held here would keep that worker's channel open after the supervisor died.
-                other.channel.close()
-            self.notifier.close()
-            admin = self.admin_socket if slot == 0 else None
-            if admin is None:
-                self.admin_socket.close()
-            channel.setblocking(False)
-            server = ProxyServer(
-                self.config,
-                config_path=self.config_path,
-                guest_sockets=self.guest_sockets,
-                admin_socket=admin,
-                notifier=systemd.Notifier(None),  # NotifyAccess=main: only the supervisor talks to systemd
-                sessions=self.sessions,
-                metrics=Metrics(multiprocess_dir=self.metrics_dir),
-                supervisor=channel,
-            )
-            uvloop.run(server.run())
-            code = 0
-        except BaseException:
-            log.exception("worker %d failed", slot)
-        finally:
-            # Never return into the supervisor's code: its finally blocks and atexit hooks
-            # (which remove the metrics directory) belong to the supervisor alone.
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
-
-    def _shutdown(self) -> None:
-        """The ordered stop (SIGTERM, SIGINT, or giving up on the workers)."""
-        self._stop = True
-        # 1. Tell systemd, so it does not count the drain as a hang.
-        self.notifier.stopping()
-        log.info("stopping: %d worker(s) draining for up to %.0f s", len(self.workers), DRAIN_SECONDS)
-        # 2. Close our copies of the guest sockets. A listening socket stays open while any
-        #    process holds it: new connections would queue here, where nobody accepts them,
-        #    instead of being refused once the workers have closed theirs.
-        for sock in self.guest_sockets:
-            sock.close()
-        # 3. Each worker stops accepting and drains its in-flight requests (ProxyServer.run).
-        for pid in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        # 4. Wait for them, within a bound shorter than the unit's TimeoutStopSec; kill the
-        #    rest. The admin worker answers /healthz and /metrics until the others are done.
-        deadline = time.monotonic() + STOP_SECONDS
-        released = False
-        while self.workers and (remaining := deadline - time.monotonic()) > 0:
-            if not released and all(worker.slot == 0 for worker in self.workers.values()):
-                released = True
-                for worker in self.workers.values():
-                    with contextlib.suppress(OSError):
-                        worker.channel.send(DRAINED_MESSAGE)
-            self._poll(min(remaining, SUPERVISOR_TICK))
-        for pid, worker in list(self.workers.items()):
-            log.error("worker %d (pid %d) did not stop within %.0f s; killing it", worker.slot, pid, STOP_SECONDS)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            worker.channel.close()
-        self.workers.clear()
-        # 5. Nothing is left to serve: the admin socket, our signal plumbing.
-        self.admin_socket.close()
-        signal.set_wakeup_fd(-1)
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        log.info("stopped")

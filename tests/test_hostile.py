@@ -33,8 +33,9 @@ from metadata_proxy.app import ProxyApp
 from metadata_proxy.config import ListenAddress, parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
+from metadata_proxy.protocol import GuestProtocol
 from metadata_proxy.registry import Registry
-from metadata_proxy.server import GuestProtocol, _uvicorn_config, bind_listen
+from metadata_proxy.server import _uvicorn_config, bind_listen
 from tests.harness import ControlPlane, Proxy, free_port, run, running
 
 T = TypeVar("T")

@@ -1,0 +1,182 @@
+"""The guest side's HTTP protocol: uvicorn's httptools protocol plus what an endpoint that
+faces untrusted guests needs and uvicorn does not do: a deadline and a size cap for each
+request head (slowloris), a cap on open connections per peer address, JSON refusals for
+requests the parser rejected (before the app could forward them), and the registry
+generation each connection was accepted under, so that removing a VM closes only the
+connections that were its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from . import guards
+from .app import ProxyApp
+from .logs import new_request_id
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+
+log = logging.getLogger("metadata_proxy")
+
+# Slowloris: uvicorn has no timeout for a request head. A request's line and headers must
+# arrive within this long of its first byte (a new connection's first request, of the
+# accept); else 408 and close. Guests sit on the same host: a head takes milliseconds.
+HEADER_TIMEOUT = 5.0
+# llhttp buffers a head of any size, and the app's 32 KiB check runs only once the head
+# is complete: past this many bytes the protocol answers 431 itself and closes.
+MAX_HEAD_BYTES = 64 * 1024
+# Open connections per peer address: max_concurrent requests plus idle keep-alive ones,
+# and never so many that one VM could take the process's file descriptors from the rest.
+CONNECTIONS_PER_CONCURRENT = 4
+MIN_CONNECTIONS_PER_PEER = 32
+
+
+class GuestProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, stamped with the registry generation at accept time,
+    with the bounds uvicorn lacks: a deadline and a size cap for each request head, and a
+    cap on open connections per peer. What it refuses gets the app's JSON envelope."""
+
+    registry_generation = 0
+    proxy_app: ProxyApp | None = None  # set on the per-server subclass
+    open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
+    header_timeout = HEADER_TIMEOUT
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.proxy_app is not None:
+            self.registry_generation = self.proxy_app.current_generation()
+        # At most one deadline timer per connection rather than one per request: a request
+        # head only notes when it began, and the timer, when it fires, re-arms itself for a
+        # head that began after it was armed (call_later and cancel on every request cost
+        # µs, bench/).
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_began = 0.0
+        self._head_bytes = 0
+        self._heads_begun = 0
+        self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._peer = self.client[0] if self.client else ""
+        self.open_by_peer[self._peer] += 1
+        limits = self.proxy_app.config.limits if self.proxy_app is not None else None
+        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * limits.max_concurrent if limits else 0)
+        if self.open_by_peer[self._peer] > cap:
+            self.refuse(guards.TOO_MANY_CONNECTIONS)
+        else:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self.open_by_peer[self._peer] -= 1
+        if self.open_by_peer[self._peer] <= 0:
+            del self.open_by_peer[self._peer]
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        begun = self._heads_begun
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # All of `data` belongs to the head only when the head began before it; one
+            # that began inside it is counted from the next read (at most one read short).
+            if begun == self._heads_begun:
+                self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.refuse(guards.HEADERS_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_began = self.loop.time()
+        self._head_bytes = 0
+        self._heads_begun += 1
+        if self._head_timer is None:
+            self._timer_head = self._heads_begun
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False  # the timer, if it fires before the next head, finds nothing to do
+        super().on_headers_complete()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._in_head:
+            if not self._heads_begun:
+                self.transport.close()  # connected and never sent a byte: nothing to answer
+            return  # every head so far was complete in time; the next one arms a timer again
+        if self._timer_head != self._heads_begun:
+            # Armed for an earlier head: this one's deadline runs from its own first byte.
+            self._timer_head = self._heads_begun
+            self._head_timer = self.loop.call_at(self._head_began + self.header_timeout, self._head_timeout)
+        elif self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a request still being answered: wait for that answer.
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+        else:
+            self.refuse(guards.REQUEST_TIMEOUT)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what llhttp cannot parse (smuggling shapes included)."""
+        self.refuse(guards.MALFORMED)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # llhttp rejects some requests only after their headers were complete and the app's
+        # task was created (a Transfer-Encoding other than chunked, a malformed chunk): the
+        # app must not then forward what the guest was told is malformed. This runs when the
+        # task starts, and hands back the app's own coroutine: a coroutine awaiting it would be
+        # one more frame for each suspension and resumption of every request to pass through.
+        def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Awaitable[None]:
+            if cycle.disconnected:
+                nothing: asyncio.Future[None] = self.loop.create_future()
+                nothing.set_result(None)
+                return nothing
+            return app(scope, receive, send)
+
+        super()._start_asgi_task(cycle, unless_refused)
+
+    def refuse(self, refusal: guards.Refusal) -> None:
+        """Answer for a request the app never saw, then close; counted and logged like the app's."""
+        request_id = new_request_id()
+        cycle = self.cycle
+        answering = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None and not cycle.response_started:
+            cycle.disconnected = True  # the app, if it already runs, sees the guest gone
+            cycle.message_event.set()
+        if not answering and not self.transport.is_closing():  # never inside another answer
+            body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+            headers = [
+                *self.server_state.default_headers,
+                (b"content-type", b"application/json"),
+                *refusal.headers,
+                (b"content-length", b"%d" % len(body)),
+                (b"x-request-id", request_id.encode()),
+                (b"connection", b"close"),
+            ]
+            lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+            self.transport.write(STATUS_LINE[refusal.status] + lines + b"\r\n" + body)
+        self.transport.close()
+        app = self.proxy_app
+        if app is not None:
+            app.metrics.labelled(app.metrics.refusals, refusal.code).inc()
+            app.access_log.write(
+                request_id=request_id,
+                peer=self._peer,
+                vm=None,
+                vm_id=None,
+                method=None,
+                path=None,
+                route=None,
+                status=refusal.status,
+                code=refusal.code,
+                duration_ms=None,
+                upstream_status=None,
+                cache=None,
+            )
