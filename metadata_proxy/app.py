@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 from . import guards, upstream
@@ -338,25 +338,15 @@ class ProxyApp:
                 entry, age = hit
                 return await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
 
-        body: bytes | Any = None
         reader = RequestBody(ex.receive, self.config.limits.max_body_bytes)
-        if method not in ("GET", "HEAD"):
-            try:
-                body = await reader.prefetch()
-            except BodyTooLarge:
-                return await self.refuse_body(ex, reader)
-            except BodyTimeout:
-                return await ex.refuse(guards.REQUEST_TIMEOUT, ((b"connection", b"close"),))
-            except GuestDisconnected:
-                ex.status = 499
-                return
-            if body is None:
-                body = reader.chunks()
-
-        client = self.client
-        started = time.perf_counter()
         try:
-            response = await client.request(
+            # No body on GET/HEAD; a small body whole (one write, retryable); a large one streamed.
+            body: bytes | AsyncIterator[bytes] | None = None
+            if method not in ("GET", "HEAD"):
+                prefetched = await reader.prefetch()
+                body = reader.chunks() if prefetched is None else prefetched
+            started = time.perf_counter()
+            response = await self.client.request(
                 method,
                 target,
                 headers,
