@@ -7,8 +7,19 @@ on a non-root machine, and fail instead of skipping under ``CI=true``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from tests.harness import ControlPlane, running
+
+
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A real `controlplane serve` on loopback, one per test module."""
+    control_plane = ControlPlane(tmp_path_factory.mktemp("cp")).start()
+    with running(control_plane):
+        yield control_plane
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

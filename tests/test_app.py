@@ -11,7 +11,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from metadata_proxy.limits import Limiter
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.registry import Registry
 from metadata_proxy.sessions import SessionTokens
-from tests.harness import ControlPlane, run, running
+from tests.harness import ControlPlane, run
 
 pytestmark = pytest.mark.anyio
 
@@ -43,13 +43,6 @@ MAX_BODY = 32 * 1024
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    control_plane = ControlPlane(tmp_path_factory.mktemp("cp-app")).start()
-    with running(control_plane):
-        yield control_plane
 
 
 def sync(cp: ControlPlane, registry: Path, vms: dict[str, str]) -> None:

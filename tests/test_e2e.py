@@ -31,13 +31,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cp(workdir: Path) -> Iterator[ControlPlane]:
-    control_plane = ControlPlane(workdir).start()
-    with running(control_plane):
-        yield control_plane
-
-
-@pytest.fixture(scope="module")
 def proxy(workdir: Path, cp: ControlPlane) -> Iterator[Proxy]:
     server = Proxy(workdir, cp.url).start()
     with running(server):

@@ -101,13 +101,6 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    control_plane = ControlPlane(tmp_path_factory.mktemp("cp")).start()
-    with running(control_plane):
-        yield control_plane
-
-
-@pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, cp: ControlPlane) -> Iterator[Fleet]:
     """The main proxy: generous rates, MAX_CONCURRENT and MAX_BODY, an alias, IPv6 when there is one."""
     limits = f"[limits]\nrequests_per_second = 500\nburst = 1000\nmax_concurrent = {MAX_CONCURRENT}\n"

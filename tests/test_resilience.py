@@ -92,13 +92,6 @@ def log_mentions(proxy: Proxy, text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    control_plane = ControlPlane(tmp_path_factory.mktemp("cp")).start()
-    with running(control_plane):
-        yield control_plane
-
-
-@pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, cp: ControlPlane) -> Iterator[Proxy]:
     """The shared proxy: 2 s upstream timeout, at most 3 cached answers per VM."""
     server = Proxy(tmp_path_factory.mktemp("proxy"), cp.url, "[cache]\nmax_entries_per_vm = 3\n", timeout=2)

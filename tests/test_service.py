@@ -24,7 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import BIN, ControlPlane, Proxy, free_port, run, running, wait_for_port
+from tests.harness import BIN, ControlPlane, Proxy, free_port, run, wait_for_port
 
 META = {"Metadata": "true"}
 IN_CI = os.environ.get("CI") == "true"
@@ -236,13 +236,6 @@ def _kill_if_ours(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass
-
-
-@pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    control_plane = ControlPlane(tmp_path_factory.mktemp("service-cp")).start()
-    with running(control_plane):
-        yield control_plane
 
 
 @pytest.fixture
