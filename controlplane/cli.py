@@ -115,7 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     # The socket already listens, so a client that connects after this line is queued and served.
     print(f"controlplane: listening on http://{shown}:{bound_port}", file=sys.stderr, flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: a clean stop, not a traceback
+        pass
     return EXIT_OK
 
 

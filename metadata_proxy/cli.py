@@ -134,6 +134,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         control_plane = subprocess.Popen(
             [*_script("controlplane"), "serve", "--listen", f"127.0.0.1:{cp_port}", "--secret-file", secret_file],
             stdin=subprocess.DEVNULL,
+            # Its own session: Ctrl-C reaches the demo alone, which then stops it in order.
+            start_new_session=True,
         )
         _wait_listening(cp_port, control_plane, time.monotonic() + 10)
 
