@@ -161,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Failure, TokenError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except (OSError, ValueError) as exc:  # e.g. the port is taken: one line, not a traceback
+        print(f"controlplane: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     return code
 
 

@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> None:
-    print(f"hostagent: {' '.join(message.split())}", file=sys.stderr)
+    # A token pasted into the wrong field (a name, an address) must not come back out here.
+    print(f"hostagent: {_JWT_SHAPE.sub('<token redacted>', ' '.join(message.split()))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

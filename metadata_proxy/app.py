@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import guards, upstream
 from .cache import MAX_CACHED_BODY, ResponseCache, cacheable_max_age
@@ -52,6 +53,30 @@ REGISTRY_WATCH_INTERVAL = 0.25
 STREAM_SMALL_BODY = 64 * 1024
 # Seconds a guest may leave a streamed answer unread before it is cut off.
 GUEST_WRITE_TIMEOUT = 10
+
+
+OWNER_KEY = "metadata_proxy.owner"  # the scope key GuestProtocol puts a ConnectionOwner under
+
+
+class ConnectionOwner:
+    """The VM that held a connection's peer address when the connection was accepted.
+
+    IP reuse (SPEC section 4): a connection the old holder opened must never carry the new
+    holder's token, not even for the one request that races the close of that connection.
+    Every request on the connection must come from the same VM (a token rotation keeps the
+    VM); when the registry could not be read at accept time, the first request decides.
+    """
+
+    __slots__ = ("identity", "known")
+
+    def __init__(self, vm: VM | None, known: bool = True) -> None:
+        self.identity = (vm.name, vm.vm_id) if vm else None
+        self.known = known
+
+    def admits(self, vm: VM) -> bool:
+        if not self.known:
+            self.identity, self.known = (vm.name, vm.vm_id), True
+        return self.identity == (vm.name, vm.vm_id)
 
 
 class Exchange:
@@ -154,6 +179,7 @@ class ProxyApp:
         self.routes: tuple[Route, ...] = config.routes
         self.hosts = guards.allowed_hosts((*config.listen, *self._extra_listen), config.host_aliases)
         self.limiter.limits = config.limits
+        self.upstream_prefix = urlsplit(config.control_plane.url).path.rstrip("/").encode("ascii")
         if (config.cache.max_entries_per_vm, config.cache.max_bytes) != (
             self.cache.max_entries_per_vm,
             self.cache.max_bytes,
@@ -187,6 +213,10 @@ class ProxyApp:
         if vm is None:
             return await ex.refuse(guards.UNKNOWN_VM)
         ex.vm = vm
+        owner: ConnectionOwner | None = ex.scope.get(OWNER_KEY)
+        if owner is not None and not owner.admits(vm):
+            # A connection from before the address changed hands: not this VM's to use.
+            return await ex.refuse(guards.UNKNOWN_VM, ((b"connection", b"close"),))
 
         # 2. The Host header names us (DNS rebinding); 3. no proxy inside the guest relayed
         # this (SSRF); 4. bounded headers, sane framing, a clean path under a known prefix.
@@ -274,12 +304,14 @@ class ProxyApp:
             if closed:
                 log.info("closed %d connection(s) from %d address(es) no longer registered", closed, len(gone))
 
-    def current_generation(self) -> int:
-        """The registry generation now (refreshed): a new connection is stamped with it, so
-        only connections accepted before a change are closed because of it."""
-        with contextlib.suppress(RegistryUnavailable):
-            self.lookup("")
-        return self.registry.generation
+    def accept(self, address: str) -> tuple[int, ConnectionOwner]:
+        """For a new connection from `address`: the registry generation now (only connections
+        accepted before a change are closed because of it) and who holds the address."""
+        try:
+            owner = ConnectionOwner(self.lookup(address))
+        except RegistryUnavailable:
+            owner = ConnectionOwner(None, known=False)
+        return self.registry.generation, owner
 
     async def watch_registry(self) -> None:
         """Notice changes and damage without traffic: /readyz, metrics, idle connections."""
@@ -324,7 +356,9 @@ class ProxyApp:
         scope = ex.scope
         method: str = scope["method"]
         query: bytes = scope.get("query_string", b"")
-        target = raw_path + b"?" + query if query else raw_path
+        # `{control_plane.url}` + the guest's path: the url's own path, if any, is a prefix.
+        path = self.upstream_prefix + raw_path
+        target = path + b"?" + query if query else path
         # Where the runtime token gets attached.
         headers = upstream_headers(
             scope["headers"], token=vm.token, peer=ex.peer, host_id=self.config.host_id, request_id=ex.request_id

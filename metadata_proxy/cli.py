@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
-    except (RuntimeError, subprocess.SubprocessError, systemd.SystemdError) as exc:
+    except (RuntimeError, ValueError, subprocess.SubprocessError, systemd.SystemdError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK

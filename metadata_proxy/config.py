@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -155,9 +156,16 @@ def _nonempty(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def _host_id(value: Any) -> str | None:
+    """Sent in a header on every forward: printable ASCII, no spaces."""
+    if not isinstance(value, str) or not value or not value.isascii() or not value.isprintable() or " " in value:
+        return None
+    return value
+
+
 def _number(minimum: float, *, above: bool = False) -> Callable[[Any], float | None]:
     def check(value: Any) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             return None
         if value < minimum or (above and value == minimum):
             return None
@@ -227,6 +235,9 @@ def _url(value: Any) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         return None
+    # A path is a prefix for every forwarded target; credentials belong in client_cert.
+    if parts.username is not None or not (parts.path.isascii() and parts.path.isprintable()) or " " in parts.path:
+        return None
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
@@ -252,7 +263,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML, validating every key."""
     top = _Section(data, "", source)
     top.require("host_id")
-    host_id = top.get("host_id", "", _nonempty, "must be a non-empty string")
+    host_id = top.get("host_id", "", _host_id, "must be a non-empty string of printable ASCII without spaces")
     listen = top.get("listen", DEFAULT_LISTEN, _listen_list, 'must be a non-empty list of "IP:PORT" / "[IPv6]:PORT"')
     aliases: tuple[str, ...] = top.get("host_aliases", (), _string_list, "must be a list of non-empty strings")
     registry = top.get("registry", DEFAULT_REGISTRY, _nonempty, "must be a file path")
@@ -263,7 +274,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     cp = _table(top, "control_plane", source)
     cp.require("url")
     control_plane = ControlPlane(
-        url=cp.get("url", "", _url, "must be an http:// or https:// URL with a host and no query"),
+        url=cp.get("url", "", _url, "must be an http:// or https:// URL with a host, no credentials and no query"),
         timeout=cp.get("timeout", 10.0, _number(0, above=True), "must be a number of seconds above 0"),
         retry_budget=cp.get("retry_budget", 5.0, _number(0), "must be a number of seconds, 0 or more"),
         ca_file=cp.get("ca_file", "", _string, "must be a file path or empty"),

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from . import guards
-from .app import ProxyApp
+from .app import OWNER_KEY, ConnectionOwner, ProxyApp
 from .logs import new_request_id
 
 if TYPE_CHECKING:
@@ -45,13 +45,15 @@ class GuestProtocol(HttpToolsProtocol):
     cap on open connections per peer. What it refuses gets the app's JSON envelope."""
 
     registry_generation = 0
+    owner: ConnectionOwner | None = None  # who held the peer address at accept time
     proxy_app: ProxyApp | None = None  # set on the per-server subclass
     open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
     header_timeout = HEADER_TIMEOUT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.proxy_app is not None:
-            self.registry_generation = self.proxy_app.current_generation()
+            peer = transport.get_extra_info("peername")
+            self.registry_generation, self.owner = self.proxy_app.accept(peer[0] if peer else "")
         # At most one deadline timer per connection rather than one per request: a request
         # head only notes when it began, and the timer, when it fires, re-arms itself for a
         # head that began after it was armed (call_later and cancel on every request cost
@@ -134,6 +136,7 @@ class GuestProtocol(HttpToolsProtocol):
         # task starts, and hands back the app's own coroutine: a coroutine awaiting it would be
         # one more frame for each suspension and resumption of every request to pass through.
         def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Awaitable[None]:
+            scope[OWNER_KEY] = self.owner  # type: ignore[literal-required]
             if cycle.disconnected:
                 nothing: asyncio.Future[None] = self.loop.create_future()
                 nothing.set_result(None)

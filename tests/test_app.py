@@ -708,3 +708,34 @@ async def test_a_guest_that_stops_reading_releases_the_upstream_connection(
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: Path) -> None:
+    """SPEC section 3: `METHOD /runtime/x?q` goes to `{control_plane.url}/runtime/x?q`."""
+    seen: list[bytes] = []
+
+    async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append((await reader.readuntil(b"\r\n")).split(b" ")[1])
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(capture, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = parse_config(
+        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
+         "control_plane": {"url": f"http://127.0.0.1:{port}/api/v1/", "retry_budget": 0}}
+    )  # fmt: skip
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    try:
+        transport = httpx.ASGITransport(app=app, client=(A, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as guest:
+            response = await guest.get("/runtime/x/y?q=1&q=%2F", headers=META)
+        assert response.status_code == 200
+        assert seen == [b"/api/v1/runtime/x/y?q=1&q=%2F"]
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()

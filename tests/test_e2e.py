@@ -3,6 +3,7 @@ real `hostagent`, guests played by loopback source addresses."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hostagent import store
 from tests.harness import ControlPlane, Proxy, free_port, running
 
 META = {"Metadata": "true"}
@@ -238,3 +240,41 @@ def test_admin_endpoint_not_on_guest_address(proxy: Proxy, cp: ControlPlane) -> 
         for path in ("/healthz", "/metrics", "/readyz"):
             response = guest.get(path, headers=META)
             assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_a_connection_from_before_an_address_changed_hands_never_carries_the_new_token(
+    proxy: Proxy, cp: ControlPlane
+) -> None:
+    """IP reuse, raced: VM A's kept-alive connection sends a request right after its address
+    went to VM B (one `vm sync`), before the proxy's watcher closed it. That request must not
+    be B's: refused or cut off, never forwarded with B's token."""
+    address, _, _ = register(proxy, cp, "racer-a")
+    sock = socket.create_connection(("127.0.0.1", proxy.port), source_address=(address, 0), timeout=5)
+    request = f"GET /runtime/whoami HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nMetadata: true\r\n\r\n".encode()
+    try:
+        sock.sendall(request)
+        answer = b""
+        while not answer.endswith(b"}"):
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200") and b"vm-racer-a" in answer
+        # hostagent's own store, in process: both changes within a few ms, then the request at
+        # once, well inside the 0.25 s before the proxy's watcher would close the connection.
+        registry = store.Store(str(proxy.registry), store.Access(None))
+        token_b = cp.mint("vm-racer-b")
+        before = cp.requests_seen()
+        registry.remove("racer-a")
+        registry.add(store.make_entry("racer-b", [address], token_b))
+        sock.sendall(request)
+        second = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                second += chunk
+                if second.endswith(b"}"):
+                    break
+        time.sleep(0.3)  # a forward, had there been one, has reached the control plane by now
+        reached = cp.requests_seen() - before
+    finally:
+        sock.close()
+    assert reached == 0  # not forwarded with B's token, whatever the guest saw
+    assert b"vm-racer-b" not in second
+    assert second == b"" or (second.startswith(b"HTTP/1.1 403") and b"unknown_vm" in second), second
