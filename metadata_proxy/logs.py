@@ -8,6 +8,7 @@ this package passes values, not headers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -61,10 +62,17 @@ def _json(value: str | float | None) -> str:
 
 
 class AccessLog:
-    """Writes one request line; `stream` None means the current sys.stdout."""
+    """Writes one line per request; `stream` None means the current sys.stdout.
+
+    Inside an event loop the lines of one loop pass go out in one write, at the end of that
+    pass (a write per line was a system call per request, bench/); call flush() before
+    the loop stops. Outside a loop each line is written at once.
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
+        self._pending: list[str] = []
+        self._scheduled = False
 
     def write(
         self,
@@ -89,9 +97,24 @@ class AccessLog:
             f'"status":{status:d},"code":{_json(code)},"duration_ms":{_json(duration_ms)},'
             f'"upstream_status":{_json(upstream_status)},"cache":{_json(cache)}}}\n'
         )
-        stream = self._stream or sys.stdout
-        stream.write(line)
-        stream.flush()
+        self._pending.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            stream = self._stream or sys.stdout
+            stream.write("".join(self._pending))
+            self._pending.clear()
+            stream.flush()
 
 
 class JsonFormatter(logging.Formatter):

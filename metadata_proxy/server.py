@@ -259,6 +259,8 @@ class ProxyServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
                 await asyncio.gather(*(client.aclose() for client in (*self._retired, self.app.client)))
+        # 5. the last request lines, batched per loop pass, go out before the loop stops.
+        self.app.access_log.flush()
         log.info("stopped")
 
     def _ready(self) -> None:
