@@ -124,15 +124,22 @@ async def status(request: Request) -> Response:
     return JSONResponse({"status": code}, status_code=code)
 
 
+def _seconds(request: Request, name: str, default: str) -> float | None:
+    """A non-negative number of seconds from the query, capped at MAX_SLOW_SECONDS; None if bad."""
+    try:
+        seconds = float(request.query_params.get(name, default))
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_SLOW_SECONDS)
+
+
 async def slow(request: Request) -> Response:
     _authenticate(request)
-    try:
-        seconds = float(request.query_params.get("seconds", "1"))
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
+    seconds = _seconds(request, "seconds", "1")
+    if seconds is None:
         return error_response(400, "bad_request", "seconds must be a non-negative number")
-    seconds = min(seconds, MAX_SLOW_SECONDS)
     await anyio.sleep(seconds)
     return JSONResponse({"slept": seconds})
 
@@ -141,13 +148,10 @@ async def cached(request: Request) -> Response:
     claims = _authenticate(request)
     parts = [f"max-age={value}" for value in request.query_params.getlist("max_age")]
     parts += request.query_params.getlist("directive")
-    try:
-        delay = float(request.query_params.get("delay", "0"))
-    except ValueError:
-        delay = math.nan
-    if not math.isfinite(delay) or delay < 0:
+    delay = _seconds(request, "delay", "0")
+    if delay is None:
         return error_response(400, "bad_request", "delay must be a non-negative number")
-    await anyio.sleep(min(delay, MAX_SLOW_SECONDS))
+    await anyio.sleep(delay)
     request.app.state.cached_served += 1
     body = {
         "vm_id": claims.sub,

@@ -78,6 +78,10 @@ class ConnectionOwner:
             self.identity, self.known = (vm.name, vm.vm_id), True
         return self.identity == (vm.name, vm.vm_id)
 
+    def lost(self, holder: VM | None) -> bool:
+        """True when the address now belongs to another VM, or to none: close the connection."""
+        return self.known and (holder is None or self.identity != (holder.name, holder.vm_id))
+
 
 class Exchange:
     """One guest request in flight: what the log line and the metrics need."""
@@ -154,7 +158,7 @@ class ProxyApp:
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         extra_listen: Iterable[ListenAddress] = (),
-        close_connections: Callable[[set[str], int], int] | None = None,
+        close_connections: Callable[[Mapping[str, VM | None]], int] | None = None,
     ) -> None:
         self.registry = registry
         self.sessions = sessions or SessionTokens()
@@ -294,24 +298,23 @@ class ProxyApp:
         for vm in {vm.name: vm for vm in then.values()}.values():
             if (current := names.get(vm.name)) is None or current.token != vm.token:
                 self.cache.drop_vm(vm.name)
+        # Each address that went away or changed hands, with its holder now (None: nobody).
         gone = {
-            address
+            address: current
             for address, vm in then.items()
             if (current := now.get(address)) is None or (current.name, current.vm_id) != (vm.name, vm.vm_id)
         }
         if gone and self.close_connections is not None:
-            closed = self.close_connections(gone, self._generation)
+            closed = self.close_connections(gone)
             if closed:
                 log.info("closed %d connection(s) from %d address(es) no longer registered", closed, len(gone))
 
-    def accept(self, address: str) -> tuple[int, ConnectionOwner]:
-        """For a new connection from `address`: the registry generation now (only connections
-        accepted before a change are closed because of it) and who holds the address."""
+    def accept(self, address: str) -> ConnectionOwner:
+        """For a new connection from `address`: the VM that holds the address now."""
         try:
-            owner = ConnectionOwner(self.lookup(address))
+            return ConnectionOwner(self.lookup(address))
         except RegistryUnavailable:
-            owner = ConnectionOwner(None, known=False)
-        return self.registry.generation, owner
+            return ConnectionOwner(None, known=False)
 
     async def watch_registry(self) -> None:
         """Notice changes and damage without traffic: /readyz, metrics, idle connections."""

@@ -1,9 +1,9 @@
 """The guest side's HTTP protocol: uvicorn's httptools protocol plus what an endpoint that
 faces untrusted guests needs and uvicorn does not do: a deadline and a size cap for each
 request head (slowloris), a cap on open connections per peer address, JSON refusals for
-requests the parser rejected (before the app could forward them), and the registry
-generation each connection was accepted under, so that removing a VM closes only the
-connections that were its own.
+requests the parser rejected (before the app could forward them), and the VM that held
+each connection's peer address when it was accepted (app.ConnectionOwner): every request
+on the connection must come from that VM, and removing it closes only its own connections.
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ MIN_CONNECTIONS_PER_PEER = 32
 
 
 class GuestProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, stamped with the registry generation at accept time,
+    """uvicorn's httptools protocol, stamped with the VM that held its peer address at accept,
     with the bounds uvicorn lacks: a deadline and a size cap for each request head, and a
     cap on open connections per peer. What it refuses gets the app's JSON envelope."""
 
-    registry_generation = 0
     owner: ConnectionOwner | None = None  # who held the peer address at accept time
     proxy_app: ProxyApp | None = None  # set on the per-server subclass
     open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
@@ -53,7 +52,7 @@ class GuestProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.proxy_app is not None:
             peer = transport.get_extra_info("peername")
-            self.registry_generation, self.owner = self.proxy_app.accept(peer[0] if peer else "")
+            self.owner = self.proxy_app.accept(peer[0] if peer else "")
         # At most one deadline timer per connection rather than one per request: a request
         # head only notes when it began, and the timer, when it fires, re-arms itself for a
         # head that began after it was armed (call_later and cancel on every request cost

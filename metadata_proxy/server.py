@@ -31,7 +31,7 @@ from .forward import build_client
 from .logs import AccessLog
 from .metrics import Metrics
 from .protocol import GuestProtocol
-from .registry import Registry
+from .registry import VM, Registry
 from .sessions import SessionTokens
 
 log = logging.getLogger("metadata_proxy")
@@ -328,16 +328,17 @@ class ProxyServer:
             task = asyncio.ensure_future(client.aclose())
             task.add_done_callback(lambda done: done.exception())  # nothing to do on failure
 
-    def close_connections(self, addresses: set[str], generation: int) -> int:
-        """Close the guest connections from `addresses` accepted before registry `generation`
-        (their VM was removed or its address handed on); newer ones belong to the new holder."""
+    def close_connections(self, holders: Mapping[str, VM | None]) -> int:
+        """Close the guest connections from each address in `holders` whose VM no longer holds
+        it (removed, or the address handed on); those the new holder opened stay."""
         closed = 0
         for connection in list(self.guest.server_state.connections):
             if (
                 isinstance(connection, GuestProtocol)
                 and connection.client
-                and connection.client[0] in addresses
-                and connection.registry_generation < generation
+                and connection.client[0] in holders
+                and connection.owner is not None
+                and connection.owner.lost(holders[connection.client[0]])
             ):
                 connection.transport.close()
                 closed += 1

@@ -224,6 +224,8 @@ def test_a_version_1_file_is_read_and_upgraded_by_the_next_write(path: Path) -> 
     assert dict(reader.by_address()) == truth(path)
 
 
+# Written out here, not taken from registry.py: an old file is frozen in time, whatever
+# the module's own copy of the v1 statements becomes.
 V1_SCHEMA = """
 CREATE TABLE vms (
     name       TEXT PRIMARY KEY,
