@@ -171,6 +171,9 @@ class ProxyApp:
         # The VMs as of the last generation handled: what a change is compared with. Not the
         # registry's current view, which is empty while the file is unreadable.
         self._known: Mapping[str, VM] = registry.by_address()
+        # Set by GuestProtocol: see lookup().
+        self.unchecked_input = True  # a connection was accepted or bytes read since the last check
+        self.input_reported = False  # a GuestProtocol serves this app and sets unchecked_input
         self._watcher: asyncio.Task[None] | None = None
         self.limiter = Limiter(config.limits)
         self.cache = ResponseCache(config.cache.max_entries_per_vm, config.cache.max_bytes)
@@ -269,9 +272,22 @@ class ProxyApp:
 
     # -- the registry -------------------------------------------------------------------
 
-    def lookup(self, address: str) -> VM | None:
+    def lookup(self, address: str, *, fresh: bool = False) -> VM | None:
+        """The VM holding `address` for a request that begins now (`fresh`: check the file).
+
+        SPEC section 4: a change is in effect for every request that begins after the
+        `hostagent` command returns. Checking the file costs two system calls, so it is done
+        before the first lookup after a guest connection was accepted or guest bytes were read
+        (GuestProtocol sets `unchecked_input`), not before every lookup: a request that
+        begins after a change has its bytes read after it, so the check that follows that
+        read sees the change, and a lookup with no read since the last check can only be for
+        a request whose bytes that check already followed. An app served without
+        GuestProtocol (through httpx's ASGITransport, in tests) checks every time.
+        """
+        check = fresh or self.unchecked_input or not self.input_reported
+        self.unchecked_input = False
         try:
-            vm = self.registry.lookup(address)
+            vm = self.registry.lookup(address, refresh=check)
         finally:
             if self.registry.generation != self._generation:
                 changed = self.registry.changed_since(self._generation)
@@ -283,7 +299,7 @@ class ProxyApp:
     def still_registered(self, address: str, vm: VM) -> bool:
         """True when `address` still belongs to `vm` with the same token."""
         try:
-            return self.lookup(address) == vm
+            return self.lookup(address, fresh=True) == vm
         except RegistryUnavailable:
             return False
 
@@ -322,7 +338,7 @@ class ProxyApp:
             await asyncio.sleep(REGISTRY_WATCH_INTERVAL)
             error = self.registry.error
             try:
-                self.lookup("")
+                self.lookup("", fresh=True)
             except RegistryUnavailable:
                 if error is None:
                     log.error("registry unavailable: %s", self.registry.error)

@@ -50,9 +50,11 @@ class GuestProtocol(HttpToolsProtocol):
     header_timeout = HEADER_TIMEOUT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.proxy_app is not None:
+        app = self.proxy_app
+        if app is not None:
+            app.input_reported = app.unchecked_input = True  # see ProxyApp.lookup
             peer = transport.get_extra_info("peername")
-            self.owner = self.proxy_app.accept(peer[0] if peer else "")
+            self.owner = app.accept(peer[0] if peer else "")
         # At most one deadline timer per connection rather than one per request: a request
         # head only notes when it began, and the timer, when it fires, re-arms itself for a
         # head that began after it was armed (call_later and cancel on every request cost
@@ -82,6 +84,8 @@ class GuestProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.proxy_app is not None:
+            self.proxy_app.unchecked_input = True  # the registry is checked before the next lookup
         begun = self._heads_begun
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():

@@ -461,9 +461,16 @@ class Registry:
 
     # -- the view -------------------------------------------------------------------------
 
-    def lookup(self, address: str) -> VM | None:
-        """The VM holding `address` now, or None. Raises RegistryUnavailable."""
-        self.refresh()
+    def lookup(self, address: str, *, refresh: bool = True) -> VM | None:
+        """The VM holding `address` now, or None. Raises RegistryUnavailable.
+
+        With `refresh` False, the VM as of the last refresh: for a caller that knows nothing
+        it must see can have changed since (the app, see ProxyApp.lookup).
+        """
+        if refresh:
+            self.refresh()
+        elif self._error is not None:
+            raise RegistryUnavailable(self._error)
         vm = self._by_address.get(address)
         if vm is None and (address.startswith("::ffff:") or "%" in address):
             try:
