@@ -163,6 +163,8 @@ class ProxyApp:
         self.registry = registry
         self.sessions = sessions or SessionTokens()
         self.metrics = metrics or Metrics()
+        self.in_flight = 0  # guest requests being handled
+        self.metrics.in_flight_now = lambda: self.in_flight
         self.metrics.watch_registry(lambda: self.registry.vms, lambda: self.registry.error is None)
         self.access_log = access_log or AccessLog()
         self.close_connections = close_connections
@@ -198,11 +200,11 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             exchange = Exchange(scope, receive, send)
-            self.metrics.in_flight.inc()
+            self.in_flight += 1
             try:
                 await self.handle(exchange)
             finally:
-                self.metrics.in_flight.dec()
+                self.in_flight -= 1
                 self.record(exchange)
         elif scope["type"] == "lifespan":
             await self.lifespan(receive, send)
@@ -333,9 +335,11 @@ class ProxyApp:
             return ConnectionOwner(None, known=False)
 
     async def watch_registry(self) -> None:
-        """Notice changes and damage without traffic: /readyz, metrics, idle connections."""
+        """Notice changes and damage without traffic: /readyz, metrics, idle connections.
+        Also brings this process's in-flight gauge up to date for other workers' scrapes."""
         while True:
             await asyncio.sleep(REGISTRY_WATCH_INTERVAL)
+            self.metrics.apply()
             error = self.registry.error
             try:
                 self.lookup("", fresh=True)
@@ -386,7 +390,7 @@ class ProxyApp:
         if method == "GET" and self.cache.enabled:
             hit = self.cache.get(vm.name, target)
             ex.cache = "miss" if hit is None else "hit"
-            self.metrics.labelled(self.metrics.cache, ex.cache).inc()
+            self.metrics.count(self.metrics.cache, ex.cache)
             if hit is not None:
                 entry, age = hit
                 return await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
@@ -422,7 +426,7 @@ class ProxyApp:
             self.metrics.upstream_errors.labels(refusal.code).inc()
             log.warning("upstream %s for %s (request %s): %s", refusal.code, vm.name, ex.request_id, exc)
             return await ex.refuse(refusal)
-        self.metrics.upstream_seconds.observe(time.perf_counter() - started)
+        self.metrics.observe_upstream(time.perf_counter() - started)
 
         try:
             ex.upstream_status = response.status
@@ -490,9 +494,9 @@ class ProxyApp:
         vm = ex.vm
         duration_ms = round((time.perf_counter() - ex.started) * 1000, 3)
         name = vm.name if vm else None
-        self.metrics.labelled(self.metrics.requests, name or "", ex.route, str(ex.status)).inc()
+        self.metrics.count(self.metrics.requests, name or "", ex.route, str(ex.status))
         if ex.code:
-            self.metrics.labelled(self.metrics.refusals, ex.code).inc()  # hot when a guest floods us
+            self.metrics.count(self.metrics.refusals, ex.code)  # hot when a guest floods us
         raw_path = ex.scope.get("raw_path") or b""
         self.access_log.write(
             request_id=ex.request_id,

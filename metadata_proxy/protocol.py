@@ -13,7 +13,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
@@ -37,6 +37,68 @@ MAX_HEAD_BYTES = 64 * 1024
 # and never so many that one VM could take the process's file descriptors from the rest.
 CONNECTIONS_PER_CONCURRENT = 4
 MIN_CONNECTIONS_PER_PEER = 32
+# uvicorn writes a response's head and its body separately: two system calls, two TCP
+# segments. What is written to a guest during one pass of the event loop leaves in one
+# write at the end of that pass (before the loop next waits: no added delay); past this
+# many bytes, at once.
+COALESCE_BYTES = 64 * 1024
+
+
+class CoalescingTransport:
+    """A guest connection's transport as uvicorn and GuestProtocol see it: the writes of one
+    event-loop pass go out together at its end, close() sends them first, abort() drops
+    them; everything else is the real transport's."""
+
+    __slots__ = ("_transport", "_loop", "_pending", "_size")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if not pending:
+            if not data:
+                return
+            self._loop.call_soon(self.flush)
+        pending.append(data)
+        self._size += len(data)
+        if self._size > COALESCE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._size = 0
+            if not self._transport.is_closing():  # closed meanwhile: the guest is gone
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuestProtocol(HttpToolsProtocol):
@@ -65,7 +127,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads_begun = 0
         self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
-        super().connection_made(transport)  # type: ignore[arg-type]
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._peer = self.client[0] if self.client else ""
         self.open_by_peer[self._peer] += 1
         limits = self.proxy_app.config.limits if self.proxy_app is not None else None
@@ -171,7 +233,7 @@ class GuestProtocol(HttpToolsProtocol):
         self.transport.close()
         app = self.proxy_app
         if app is not None:
-            app.metrics.labelled(app.metrics.refusals, refusal.code).inc()
+            app.metrics.count(app.metrics.refusals, refusal.code)
             app.access_log.write(
                 request_id=request_id,
                 peer=self._peer,

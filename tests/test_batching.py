@@ -1,0 +1,188 @@
+"""What the proxy defers to the end of an event-loop pass, so that a busy pass pays once: the
+writes to a guest connection (protocol.CoalescingTransport), the metric updates of every
+request (metrics.Metrics) and the access log lines (logs.AccessLog).
+
+The transport under CoalescingTransport is a recording stand-in for asyncio's (the one
+thing here that is not ours); end to end, every test in test_e2e.py and test_hostile.py
+(pipelined requests included) talks to guests through CoalescingTransport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Any
+
+import pytest
+
+from metadata_proxy import logs
+from metadata_proxy.logs import AccessLog
+from metadata_proxy.metrics import Metrics
+from metadata_proxy.protocol import COALESCE_BYTES, CoalescingTransport
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class RecordingTransport(asyncio.Transport):
+    """Records what reaches the socket: each write() call is one system call in a real one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = self.aborted = False
+
+    def write(self, data: Any) -> None:
+        assert not self.closed, "written after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("10.1.0.2", 40000)}.get(name, default)
+
+
+async def next_pass() -> None:
+    """Let the loop finish the current pass (and run what was scheduled at its end)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_the_writes_of_one_pass_leave_in_one_write_at_its_end() -> None:
+    real = RecordingTransport()
+    guest = CoalescingTransport(real, asyncio.get_running_loop())
+    guest.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    guest.write(b"{}")
+    assert real.writes == []  # nothing yet: the pass is not over
+    await next_pass()
+    assert real.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    guest.write(b"next")
+    await next_pass()
+    assert real.writes[1:] == [b"next"]
+
+
+async def test_a_large_write_goes_at_once() -> None:
+    real = RecordingTransport()
+    guest = CoalescingTransport(real, asyncio.get_running_loop())
+    guest.write(b"head")
+    guest.write(b"x" * COALESCE_BYTES)
+    assert real.writes == [b"head" + b"x" * COALESCE_BYTES]  # without waiting for the pass to end
+    await next_pass()
+    assert len(real.writes) == 1  # and nothing twice
+
+
+async def test_close_sends_what_is_pending_first_and_abort_drops_it() -> None:
+    loop = asyncio.get_running_loop()
+    real = RecordingTransport()
+    guest = CoalescingTransport(real, loop)
+    guest.write(b"answer")
+    guest.close()
+    assert real.writes == [b"answer"] and real.closed
+
+    real = RecordingTransport()
+    guest = CoalescingTransport(real, loop)
+    guest.write(b"answer")
+    guest.abort()
+    await next_pass()
+    assert real.writes == [] and real.aborted
+
+
+async def test_writes_to_a_connection_closed_meanwhile_are_dropped() -> None:
+    real = RecordingTransport()
+    guest = CoalescingTransport(real, asyncio.get_running_loop())
+    guest.write(b"late")
+    real.close()  # the guest went away before the pass ended
+    await next_pass()  # no write after close (RecordingTransport would fail the test)
+    assert real.writes == []
+    assert guest.is_closing()
+    assert guest.get_extra_info("peername") == ("10.1.0.2", 40000)
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+async def test_metric_updates_of_a_pass_are_applied_at_its_end_and_before_a_scrape() -> None:
+    metrics = Metrics()
+    in_flight = 3
+    metrics.in_flight_now = lambda: in_flight
+    labels = {"vm": "a", "route": "/runtime/", "status": "200"}
+    for _ in range(5):
+        metrics.count(metrics.requests, "a", "/runtime/", "200")
+    metrics.count(metrics.refusals, "rate_limited")
+    metrics.observe_upstream(0.002)
+    assert sample(metrics, "metadata_proxy_requests_total", labels) is None  # not yet
+    await next_pass()
+    assert sample(metrics, "metadata_proxy_requests_total", labels) == 5
+    assert sample(metrics, "metadata_proxy_refusals_total", {"code": "rate_limited"}) == 1
+    assert sample(metrics, "metadata_proxy_upstream_seconds_count") == 1
+    assert sample(metrics, "metadata_proxy_upstream_seconds_bucket", {"le": "0.0025"}) == 1
+    assert sample(metrics, "metadata_proxy_in_flight") == 3
+
+    metrics.count(metrics.requests, "a", "/runtime/", "200")
+    in_flight = 0
+    text = metrics.render().decode()  # a scrape in the same pass sees every update so far
+    assert 'metadata_proxy_requests_total{route="/runtime/",status="200",vm="a"} 6.0' in text
+    assert "metadata_proxy_in_flight 0.0" in text
+
+
+def test_metric_updates_outside_a_loop_apply_at_once() -> None:
+    metrics = Metrics()
+    metrics.count(metrics.cache, "hit")
+    assert sample(metrics, "metadata_proxy_cache_total", {"result": "hit"}) == 1
+
+
+LINE = dict(
+    request_id="0123456789abcdef",
+    peer="10.1.0.2",
+    vm="a",
+    vm_id="vm-a",
+    method="GET",
+    path="/runtime/whoami",
+    route="/runtime/",
+    status=200,
+    code=None,
+    duration_ms=1.25,
+    upstream_status=200,
+    cache="miss",
+)
+
+
+async def test_access_log_lines_of_a_pass_are_written_together_as_json_dumps_would() -> None:
+    out = io.StringIO()
+    log = AccessLog(out)
+    odd = {"path": '/runtime/"quoted"\\back\u00e9\u2028\x01', "vm": "n\u00e4me", "code": "bad_path"}
+    log.write(**LINE)  # type: ignore[arg-type]
+    log.write(**{**LINE, **odd, "duration_ms": None, "upstream_status": None})  # type: ignore[arg-type]
+    assert out.getvalue() == ""
+    await next_pass()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.isascii() for line in lines)
+    first, second = (json.loads(line) for line in lines)
+    assert {k: first[k] for k in LINE} == LINE
+    assert {k: second[k] for k in odd} == odd
+    assert second["duration_ms"] is None and second["upstream_status"] is None
+    assert list(first) == ["time", *LINE]  # SPEC section 8's fields, in a fixed order
+    # Each line exactly as json.dumps writes the same object (ensure_ascii, no spaces).
+    assert lines[1] == json.dumps(second, separators=(",", ":"))
+
+
+def test_remembered_escapes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    escaped = logs._Escaped()
+    monkeypatch.setattr(logs._Escaped, "MAX", 8)
+    for i in range(20):
+        assert escaped[f'vm-"{i}"'] == json.dumps(f'vm-"{i}"')
+        assert len(escaped) <= 8
+    assert escaped[None] == "null"
