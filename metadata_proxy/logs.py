@@ -73,12 +73,17 @@ def _json_number(value: float | None) -> str:
     return "null" if value is None else repr(value)  # int or finite float: JSON as Python writes it
 
 
+# Inside an event loop, request lines wait this long at most and leave together: a write
+# per line was a system call per request, and a write per loop pass still one per request
+# when guests come one at a time (bench/, one connection).
+FLUSH_DELAY = 0.01
+
+
 class AccessLog:
     """Writes one line per request; `stream` None means the current sys.stdout.
 
-    Inside an event loop the lines of one loop pass go out in one write, at the end of that
-    pass (a write per line was a system call per request, bench/); call flush() before
-    the loop stops. Outside a loop each line is written at once.
+    Inside an event loop the lines go out together, FLUSH_DELAY after the first of them;
+    call flush() before the loop stops. Outside a loop each line is written at once.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
@@ -120,7 +125,7 @@ class AccessLog:
             self.flush()
             return
         self._scheduled = True
-        loop.call_soon(self.flush)
+        loop.call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         self._scheduled = False

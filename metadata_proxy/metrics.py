@@ -24,6 +24,8 @@ from .registry import VM
 EXPIRING_SOON_SECONDS = 3600
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+# How long a request's metric updates may wait to be applied with others (see Metrics).
+APPLY_DELAY = 0.01
 
 
 class _RegistryCollector(Collector):
@@ -51,11 +53,11 @@ class _RegistryCollector(Collector):
 
 
 class Metrics:
-    """The proxy's metrics. What every guest request updates goes through `count`, `observe`
-    and `in_flight_now`, batched: prometheus-client takes a lock and makes several calls for
-    each update, about 10% of a forwarded request's CPU when done per request (bench/), so
-    the updates of one event-loop pass are applied at its end, once per label set, and
-    before every scrape (`render`)."""
+    """The proxy's metrics. What every guest request updates goes through `count`,
+    `observe_upstream` and `in_flight_now`, batched: prometheus-client takes a lock and makes
+    several calls for each update, about 10% of a forwarded request's CPU when done per
+    request (bench/), so updates are applied APPLY_DELAY after the first of them, once per
+    label set, and before every scrape (`render`)."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         """`multiprocess_dir`: the PROMETHEUS_MULTIPROC_DIR of a service with several workers."""
@@ -102,14 +104,14 @@ class Metrics:
         )
 
     def count(self, counter: Counter, *values: str) -> None:
-        """`counter.labels(*values).inc()`, at the end of this loop pass."""
+        """`counter.labels(*values).inc()`, within APPLY_DELAY."""
         key: tuple[Counter, *tuple[str, ...]] = (counter, *values)
         self._counts[key] = self._counts.get(key, 0) + 1
         if not self._apply_scheduled:
             self._schedule()
 
     def observe_upstream(self, seconds: float) -> None:
-        """`upstream_seconds.observe(seconds)`, at the end of this loop pass."""
+        """`upstream_seconds.observe(seconds)`, within APPLY_DELAY."""
         self._upstream_seconds.append(seconds)
         if not self._apply_scheduled:
             self._schedule()
@@ -121,7 +123,7 @@ class Metrics:
             self.apply()
             return
         self._apply_scheduled = True
-        loop.call_soon(self.apply)
+        loop.call_later(APPLY_DELAY, self.apply)
 
     def apply(self) -> None:
         """Apply the batched updates now (the app also calls this on its registry watch)."""

@@ -13,7 +13,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
@@ -38,16 +38,17 @@ MAX_HEAD_BYTES = 64 * 1024
 CONNECTIONS_PER_CONCURRENT = 4
 MIN_CONNECTIONS_PER_PEER = 32
 # uvicorn writes a response's head and its body separately: two system calls, two TCP
-# segments. What is written to a guest during one pass of the event loop leaves in one
-# write at the end of that pass (before the loop next waits: no added delay); past this
-# many bytes, at once.
+# segments. Written to a guest, they leave together when the response is complete
+# (GuestProtocol.on_response_complete), and anything else written during one pass of the
+# event loop at the end of that pass (a streamed answer's parts, refusals); past this many
+# bytes, at once.
 COALESCE_BYTES = 64 * 1024
 
 
 class CoalescingTransport:
-    """A guest connection's transport as uvicorn and GuestProtocol see it: the writes of one
-    event-loop pass go out together at its end, close() sends them first, abort() drops
-    them; everything else is the real transport's."""
+    """A guest connection's transport as uvicorn and GuestProtocol see it: writes are held
+    until flush(), which runs at the end of the event-loop pass at the latest; close() sends
+    them first, abort() drops them; everything else is the real transport's."""
 
     __slots__ = ("_transport", "_loop", "_pending", "_size")
 
@@ -127,7 +128,9 @@ class GuestProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads_begun = 0
         self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
-        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        # uvicorn's self.transport from here on.
+        self._writes = CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
+        super().connection_made(self._writes)  # type: ignore[arg-type]
         self._peer = self.client[0] if self.client else ""
         self.open_by_peer[self._peer] += 1
         limits = self.proxy_app.config.limits if self.proxy_app is not None else None
@@ -167,6 +170,10 @@ class GuestProtocol(HttpToolsProtocol):
         if self._head_timer is None:
             self._timer_head = self._heads_begun
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+
+    def on_response_complete(self) -> None:
+        self._writes.flush()  # a whole answer: out now, not at the end of the pass
+        super().on_response_complete()
 
     def on_headers_complete(self) -> None:
         self._in_head = False  # the timer, if it fires before the next head, finds nothing to do

@@ -259,7 +259,7 @@ class ProxyServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
                 await asyncio.gather(*(client.aclose() for client in (*self._retired, self.app.client)))
-        # 5. the last request lines, batched per loop pass, go out before the loop stops.
+        # 5. the last request lines, batched (logs.FLUSH_DELAY), go out before the loop stops.
         self.app.access_log.flush()
         log.info("stopped")
 

@@ -1,6 +1,7 @@
-"""What the proxy defers to the end of an event-loop pass, so that a busy pass pays once: the
-writes to a guest connection (protocol.CoalescingTransport), the metric updates of every
-request (metrics.Metrics) and the access log lines (logs.AccessLog).
+"""What the proxy batches so that many requests pay once: the writes to a guest connection
+(protocol.CoalescingTransport: until the answer is complete or the loop pass ends), the metric
+updates of every request (metrics.Metrics) and the access log lines (logs.AccessLog), both
+for a few milliseconds.
 
 The transport under CoalescingTransport is a recording stand-in for asyncio's (the one
 thing here that is not ours); end to end, every test in test_e2e.py and test_hostile.py
@@ -12,14 +13,23 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
+import threading
+import time
+from collections import Counter
 from typing import Any
 
 import pytest
+import uvicorn
 
 from metadata_proxy import logs
+from metadata_proxy import metrics as metrics_module
+from metadata_proxy.config import ListenAddress
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.metrics import Metrics
-from metadata_proxy.protocol import COALESCE_BYTES, CoalescingTransport
+from metadata_proxy.protocol import COALESCE_BYTES, CoalescingTransport, GuestProtocol
+from metadata_proxy.server import _uvicorn_config, bind_listen
+from tests.harness import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -58,6 +68,11 @@ async def next_pass() -> None:
     """Let the loop finish the current pass (and run what was scheduled at its end)."""
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+
+
+async def batch_due() -> None:
+    """Past the wait of a batched log line or metric update."""
+    await asyncio.sleep(max(logs.FLUSH_DELAY, metrics_module.APPLY_DELAY) * 3)
 
 
 async def test_the_writes_of_one_pass_leave_in_one_write_at_its_end() -> None:
@@ -110,11 +125,45 @@ async def test_writes_to_a_connection_closed_meanwhile_are_dropped() -> None:
     assert guest.get_extra_info("peername") == ("10.1.0.2", 40000)
 
 
+def test_a_complete_answer_leaves_at_once_not_at_the_end_of_the_pass() -> None:
+    """Through a real uvicorn server with GuestProtocol: the app answers, then keeps the
+    loop busy; the guest has its whole answer before that work ends."""
+    busy = 0.5
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+        time.sleep(busy)  # the rest of this pass (a log line, metrics) takes its time
+
+    port = free_port()
+    server = uvicorn.Server(_uvicorn_config(app, type("Bound", (GuestProtocol,), {"open_by_peer": Counter()})))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [bind_listen(ListenAddress("127.0.0.1", port))]})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as guest:
+            started = time.monotonic()
+            guest.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"\r\n\r\n{}"):
+                answer += guest.recv(4096)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert waited < busy / 2, f"the answer waited {waited:.3f} s for the rest of the pass"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
     return metrics.registry.get_sample_value(name, labels or {})
 
 
-async def test_metric_updates_of_a_pass_are_applied_at_its_end_and_before_a_scrape() -> None:
+async def test_metric_updates_are_applied_together_shortly_after_and_before_a_scrape() -> None:
     metrics = Metrics()
     in_flight = 3
     metrics.in_flight_now = lambda: in_flight
@@ -123,8 +172,9 @@ async def test_metric_updates_of_a_pass_are_applied_at_its_end_and_before_a_scra
         metrics.count(metrics.requests, "a", "/runtime/", "200")
     metrics.count(metrics.refusals, "rate_limited")
     metrics.observe_upstream(0.002)
-    assert sample(metrics, "metadata_proxy_requests_total", labels) is None  # not yet
     await next_pass()
+    assert sample(metrics, "metadata_proxy_requests_total", labels) is None  # not yet
+    await batch_due()
     assert sample(metrics, "metadata_proxy_requests_total", labels) == 5
     assert sample(metrics, "metadata_proxy_refusals_total", {"code": "rate_limited"}) == 1
     assert sample(metrics, "metadata_proxy_upstream_seconds_count") == 1
@@ -160,14 +210,15 @@ LINE = dict(
 )
 
 
-async def test_access_log_lines_of_a_pass_are_written_together_as_json_dumps_would() -> None:
+async def test_access_log_lines_are_written_together_shortly_after_as_json_dumps_would() -> None:
     out = io.StringIO()
     log = AccessLog(out)
     odd = {"path": '/runtime/"quoted"\\back\u00e9\u2028\x01', "vm": "n\u00e4me", "code": "bad_path"}
     log.write(**LINE)  # type: ignore[arg-type]
     log.write(**{**LINE, **odd, "duration_ms": None, "upstream_status": None})  # type: ignore[arg-type]
-    assert out.getvalue() == ""
     await next_pass()
+    assert out.getvalue() == ""  # not yet
+    await batch_due()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and all(line.isascii() for line in lines)
     first, second = (json.loads(line) for line in lines)
