@@ -679,7 +679,9 @@ class Upstream:
             head += body
             body = None
         head_only = method == "HEAD"
-        loop = asyncio.get_running_loop()
+        # A pooled connection's loop is the running one; asyncio.get_running_loop() costs a
+        # getpid() system call on Python 3.11.
+        loop = self._idle[-1]._loop if self._idle else asyncio.get_running_loop()
         deadline = loop.time() + self._retry_budget
         attempt = 0
         fresh = False
