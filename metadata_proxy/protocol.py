@@ -38,10 +38,10 @@ MAX_HEAD_BYTES = 64 * 1024
 CONNECTIONS_PER_CONCURRENT = 4
 MIN_CONNECTIONS_PER_PEER = 32
 # uvicorn writes a response's head and its body separately: two system calls, two TCP
-# segments. Written to a guest, they leave together when the response is complete
-# (GuestProtocol.on_response_complete), and anything else written during one pass of the
-# event loop at the end of that pass (a streamed answer's parts, refusals); past this many
-# bytes, at once.
+# segments. Written to a guest, they leave together at the end of the event-loop pass, with
+# whatever else was written to that guest during it; past this many bytes, at once. An
+# answer completed while no other request is in flight leaves at once instead
+# (GuestProtocol.on_response_complete).
 COALESCE_BYTES = 64 * 1024
 
 
@@ -172,7 +172,13 @@ class GuestProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
 
     def on_response_complete(self) -> None:
-        self._writes.flush()  # a whole answer: out now, not at the end of the pass
+        # The only request in flight: nothing to wait for, out now (one guest at a time:
+        # latency). Else at the end of the pass, with the other answers completed in it:
+        # the guests' side wakes once for all of them and sends its next requests together,
+        # so the proxy's next pass is as large (bench/: a quarter more throughput at 32
+        # connections than writing each answer as it completes).
+        if self.proxy_app is None or self.proxy_app.in_flight <= 1:
+            self._writes.flush()
         super().on_response_complete()
 
     def on_headers_complete(self) -> None:

@@ -125,9 +125,10 @@ async def test_writes_to_a_connection_closed_meanwhile_are_dropped() -> None:
     assert guest.get_extra_info("peername") == ("10.1.0.2", 40000)
 
 
-def test_a_complete_answer_leaves_at_once_not_at_the_end_of_the_pass() -> None:
-    """Through a real uvicorn server with GuestProtocol: the app answers, then keeps the
-    loop busy; the guest has its whole answer before that work ends."""
+def test_a_lone_complete_answer_leaves_at_once_not_at_the_end_of_the_pass() -> None:
+    """Through a real uvicorn server with GuestProtocol, one request in flight: the app
+    answers, then keeps the loop busy; the guest has its whole answer before that work ends.
+    (With other requests in flight it would leave at the end of the pass, with theirs.)"""
     busy = 0.5
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
