@@ -86,6 +86,9 @@ class ResponseCache:
 
     def get(self, vm: str, target: bytes) -> tuple[Entry, int] | None:
         """A fresh entry and its age in whole seconds, or None."""
+        targets = self._per_vm.get(vm)
+        if targets is None or target not in targets:
+            return None  # the usual answer, without cachetools' bookkeeping
         entry = self._entries.get((vm, target))
         if entry is None:
             return None

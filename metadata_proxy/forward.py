@@ -68,26 +68,29 @@ def refusal_for(exc: upstream.UpstreamError) -> Refusal:
     return UPSTREAM_FAILURES[upstream.UpstreamError]
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    """Header names a `Connection` header marks as hop-by-hop for this message."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        # The length test first spares a lower() copy of every other header, on every request.
-        if len(name) == 10 and name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
+def _connection_tokens(value: bytes, named: set[bytes]) -> set[bytes]:
+    """`named` plus the header names a `Connection` header's value marks as hop-by-hop."""
+    named.update(token.strip().lower() for token in value.split(b","))
     return named
+
+
+def _without(headers: list[tuple[bytes, bytes]], named: set[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in headers if name not in named] if named else headers
 
 
 def upstream_headers(
     guest: Headers, *, token: str, peer: str, host_id: str, request_id: str
 ) -> list[tuple[bytes, bytes]]:
     """The headers sent to the control plane: the guest's, filtered, plus ours."""
-    also_drop = _connection_tokens(guest)
-    headers = [
-        (name, value)
-        for name, value in guest
-        if name not in _REQUEST_DROP and not name.startswith(b"proxy-") and name not in also_drop
-    ]
+    headers = []
+    named: set[bytes] = set()  # what the guest's Connection header names: hop-by-hop too
+    for name, value in guest:  # names as uvicorn hands them over: lower case
+        if name in _REQUEST_DROP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                _connection_tokens(value, named)
+        else:
+            headers.append((name, value))
+    headers = _without(headers, named)
     headers += [
         (b"authorization", b"Bearer " + token.encode("ascii")),
         (b"x-forwarded-for", peer.encode("ascii")),
@@ -99,12 +102,16 @@ def upstream_headers(
 
 def response_headers(received: Headers, request_id: bytes) -> list[tuple[bytes, bytes]]:
     """The headers returned to the guest: upstream's, filtered, plus X-Request-Id."""
-    also_drop = _connection_tokens(received)
     headers = []
+    named: set[bytes] = set()  # what upstream's Connection header names: hop-by-hop too
     for name, value in received:
         lower = name.lower()
-        if lower not in _RESPONSE_DROP and lower not in also_drop:
+        if lower in _RESPONSE_DROP:
+            if lower == b"connection":
+                _connection_tokens(value, named)
+        else:
             headers.append((lower, value))
+    headers = _without(headers, named)
     headers.append((b"x-request-id", request_id))
     return headers
 

@@ -373,14 +373,18 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         # llhttp hands the reason phrase over in pieces when it spans two reads.
-        resp = cast(Response, self._resp)
+        resp = self._resp
+        assert resp is not None  # data_received feeds the parser only during an exchange
         resp.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        cast(Response, self._resp).headers.append((name, value))
+        resp = self._resp
+        assert resp is not None
+        resp.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        resp = cast(Response, self._resp)
+        resp = self._resp
+        assert resp is not None
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
@@ -401,7 +405,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        resp = cast(Response, self._resp)
+        resp = self._resp
+        assert resp is not None
         resp._chunks.append(body)
         resp._buffered += len(body)
         if resp._buffered > _READ_HIGH_WATER and not self._read_paused:
@@ -413,7 +418,9 @@ class _Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
-        cast(Response, self._resp)._complete = True
+        resp = self._resp
+        assert resp is not None
+        resp._complete = True
         self._wake()
 
     # -- the exchange -------------------------------------------------------------------
