@@ -374,6 +374,7 @@ class Result:
     cpu: float  # cores, 1.0 = one core busy
     cpu_us_per_request: float
     other: float
+    samples: list[Sample]  # one per round, in round order
 
     @classmethod
     def of(cls, samples: list[Sample]) -> Result:
@@ -384,7 +385,17 @@ class Result:
             cpu=statistics.median(s.cpu_s / s.seconds for s in samples),
             cpu_us_per_request=sum(s.cpu_s for s in samples) / sum(s.requests for s in samples) * 1e6,
             other=max(s.other for s in samples),
+            samples=samples,
         )
+
+
+def paired_ratio(base: Result, other: Result, attr: str) -> float:
+    """`other` / `base` for a measure wrk reports (rps, p50_ms, p99_ms): the median over the
+    rounds of each round's ratio. compare() measures two targets back to back in every
+    round, so a disturbance of the machine falls on both sides of a round's ratio, and one
+    disturbed round moves the median of the ratios less than it moves a ratio of medians."""
+    pairs = zip(base.samples, other.samples, strict=True)
+    return statistics.median(getattr(o, attr) / getattr(b, attr) for b, o in pairs)
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -466,7 +477,8 @@ class Bench:
 
     def compare(self, targets: list[Target], connections: int) -> dict[str, Result]:
         """Warm every target up, then run them in turn, round after round, so that each sees
-        the same moments of a machine that may be doing other work; the order flips each round."""
+        the same moments of a machine that may be doing other work; the order flips each round
+        (a, b, c then c, b, a: neighbours in `targets` are measured back to back every round)."""
         for target in targets:
             wrk(target.url, connections, self.opts.warmup, self.wrk_cpus)
         samples: dict[str, list[Sample]] = {target.label: [] for target in targets}
@@ -787,19 +799,30 @@ def render(info: dict[str, str], opts: Options, quick: bool, r: Results) -> str:
     add("| | haproxy | metadata-proxy | proxy / haproxy | bar | |")
     add("|---|---:|---:|---:|---:|---|")
 
-    def row(label: str, h: float, p: float, fmt: str, bar: str = "", ok: bool | None = None) -> None:
-        add(f"| {label} | {h:{fmt}} | {p:{fmt}} | {p / h:.3g} | {bar} | {'' if ok is None else verdict(ok)} |")
+    def row(label: str, h: float, p: float, ratio: float, fmt: str, bar: str = "", ok: bool | None = None) -> None:
+        add(f"| {label} | {h:{fmt}} | {p:{fmt}} | {ratio:.3g} | {bar} | {'' if ok is None else verdict(ok)} |")
 
-    row("req/s, 32 connections", h32.rps, p32.rps, ",.0f", f"≥ {BAR_THROUGHPUT}", p32.rps / h32.rps >= BAR_THROUGHPUT)
-    row("p50 ms, 32 connections", h32.p50_ms, p32.p50_ms, ".3f")
-    row("p99 ms, 32 connections", h32.p99_ms, p32.p99_ms, ".3f")
-    row("server CPU, 32 connections (1.00 = one core)", h32.cpu, p32.cpu, ".2f")
-    row("server CPU µs per request, 32 connections", h32.cpu_us_per_request, p32.cpu_us_per_request, ".1f")
-    row("req/s, 1 connection", h1.rps, p1.rps, ",.0f")
-    row("p50 ms, 1 connection", h1.p50_ms, p1.p50_ms, ".3f", f"≤ {BAR_P50}", p1.p50_ms / h1.p50_ms <= BAR_P50)
-    row("p99 ms, 1 connection", h1.p99_ms, p1.p99_ms, ".3f")
-    row("256 MiB response streamed, seconds", r.stream_h.seconds, r.stream_p.seconds, ".2f")
+    def wrk_row(label: str, h: Result, p: Result, attr: str, fmt: str, bar: str = "", within: float = 0) -> None:
+        ratio = paired_ratio(h, p, attr)
+        ok = None if not bar else ratio >= within if bar.startswith("≥") else ratio <= within
+        row(label, getattr(h, attr), getattr(p, attr), ratio, fmt, bar, ok)
+
+    wrk_row("req/s, 32 connections", h32, p32, "rps", ",.0f", f"≥ {BAR_THROUGHPUT}", BAR_THROUGHPUT)
+    wrk_row("p50 ms, 32 connections", h32, p32, "p50_ms", ".3f")
+    wrk_row("p99 ms, 32 connections", h32, p32, "p99_ms", ".3f")
+    row("server CPU, 32 connections (1.00 = one core)", h32.cpu, p32.cpu, p32.cpu / h32.cpu, ".2f")
+    h_us, p_us = h32.cpu_us_per_request, p32.cpu_us_per_request
+    row("server CPU µs per request, 32 connections", h_us, p_us, p_us / h_us, ".1f")
+    wrk_row("req/s, 1 connection", h1, p1, "rps", ",.0f")
+    wrk_row("p50 ms, 1 connection", h1, p1, "p50_ms", ".3f", f"≤ {BAR_P50}", BAR_P50)
+    wrk_row("p99 ms, 1 connection", h1, p1, "p99_ms", ".3f")
+    h_s, p_s = r.stream_h.seconds, r.stream_p.seconds
+    row("256 MiB response streamed, seconds", h_s, p_s, p_s / h_s, ".2f")
     add("")
+    add(
+        "Columns: medians of the rounds; the ratio of a wrk measure is the median of each round's "
+        "ratio (both measured back to back in every round).\n"
+    )
 
     if r.pinned32 and r.pinned1:
         add("Pinned, for reference (haproxy and the proxy alone on CPU 0; nginx and wrk on CPU 1):\n")
@@ -812,7 +835,8 @@ def render(info: dict[str, str], opts: Options, quick: bool, r: Results) -> str:
             ("p99 ms, 1 connection", r.pinned1, "p99_ms", ".3f"),
         ):
             h, p = getattr(results[HAPROXY], attr), getattr(results[PROXY], attr)
-            add(f"| {label} | {h:{fmt}} | {p:{fmt}} | {p / h:.3g} |")
+            ratio = p / h if attr == "cpu" else paired_ratio(results[HAPROXY], results[PROXY], attr)
+            add(f"| {label} | {h:{fmt}} | {p:{fmt}} | {ratio:.3g} |")
         add("")
 
     add("| metadata-proxy | value | bar | |")
@@ -823,7 +847,7 @@ def render(info: dict[str, str], opts: Options, quick: bool, r: Results) -> str:
 
     line(f"`hostagent vm sync` of {SYNC_VMS:,} VMs", f"{r.sync_s:.2f} s", f"≤ {BAR_SYNC_S:g} s", r.sync_s <= BAR_SYNC_S)
     line("first request after that sync (snapshot reload)", f"{r.reload_ms:.0f} ms")
-    change = m32.rps / p32.rps - 1
+    change = paired_ratio(p32, m32, "rps") - 1
     line(
         f"req/s, 32 connections, {SYNC_VMS:,} VMs (same rounds as 1 VM)",
         f"{m32.rps:,.0f} ({change:+.1%} vs 1 VM; CPU per request {m32.cpu_us_per_request:.0f} µs vs "
