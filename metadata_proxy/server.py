@@ -259,8 +259,11 @@ class ProxyServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
                 await asyncio.gather(*(client.aclose() for client in (*self._retired, self.app.client)))
-        # 5. the last request lines, batched (logs.FLUSH_DELAY), go out before the loop stops.
+        # 5. the last request lines and metric updates, batched (logs.FLUSH_DELAY,
+        #    metrics.APPLY_DELAY), before the loop stops (a worker's counts go to the
+        #    multiprocess files here, before it exits).
         self.app.access_log.flush()
+        self.app.metrics.apply()
         log.info("stopped")
 
     def _ready(self) -> None:
@@ -311,7 +314,7 @@ class ProxyServer:
             log.warning("reload: %s change only on restart; keeping the running values", ", ".join(fixed))
         old_client = self.app.client
         if new.registry != self.config.registry:
-            self.app.registry = Registry(new.registry)
+            self.app.replace_registry(Registry(new.registry))
         self.app.configure(new, client or old_client)
         if client is not None:
             self._retired.add(old_client)

@@ -739,3 +739,24 @@ async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: P
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
+    cp: ControlPlane, registry: Path, tmp_path: Path
+) -> None:
+    """Served by GuestProtocol, the app checks the file only after new guest input; a reload
+    that names another file must not let a request already read (queued behind another on
+    its connection) be looked up in a registry never read: it would be refused, and every
+    connection closed as if every VM had gone."""
+    async with proxy_app(cp, registry) as app:
+        app.input_reported = True  # as GuestProtocol sets it: checks follow guest input
+        closed: list[object] = []
+        app.close_connections = lambda gone: closed.append(gone) or 0
+        assert (vm := app.lookup(A)) is not None and vm.name == "a"
+        app.unchecked_input = False  # no guest input from here on
+        copy = tmp_path / "copy.sqlite3"
+        copy.write_bytes(registry.read_bytes())  # the same VMs under another path
+        app.replace_registry(Registry(str(copy)))
+        again = app.lookup(A)
+    assert again is not None and again.name == "a"
+    assert closed == []
