@@ -298,12 +298,6 @@ class ProxyApp:
                 self._known = self.registry.by_address()
         return vm
 
-    def replace_registry(self, registry: Registry) -> None:
-        """A reload named another registry file: read it before its first lookup, whatever
-        guest input came before (a request already read and still queued is looked up in it)."""
-        self.registry = registry
-        self.unchecked_input = True
-
     def still_registered(self, address: str, vm: VM) -> bool:
         """True when `address` still belongs to `vm` with the same token."""
         try:

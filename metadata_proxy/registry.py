@@ -281,6 +281,7 @@ class Registry:
         self._vms: tuple[VM, ...] | None = ()  # built on demand (metrics scrapes), then kept
         self._error: str | None = None
         self._locked_since: float | None = None
+        self._refreshed = False  # until the first refresh, the (empty) snapshot says nothing
         self.generation = next(_GENERATIONS)  # a new one on every refresh that changed the VM set
         # (generation before, generation after, the VMs of before that after replaced or removed)
         self._changes: collections.deque[tuple[int, int, list[VM]]] = collections.deque(maxlen=CHANGES_KEPT)
@@ -336,6 +337,7 @@ class Registry:
 
         Raises RegistryUnavailable when the file exists but cannot be read.
         """
+        self._refreshed = True
         try:
             fingerprint = self._current_fingerprint()
             if fingerprint == self._fingerprint and self._error is None:
@@ -465,9 +467,10 @@ class Registry:
         """The VM holding `address` now, or None. Raises RegistryUnavailable.
 
         With `refresh` False, the VM as of the last refresh: for a caller that knows nothing
-        it must see can have changed since (the app, see ProxyApp.lookup).
+        it must see can have changed since (the app, see ProxyApp.lookup). A registry never
+        refreshed (a reload named a new file) refreshes all the same.
         """
-        if refresh:
+        if refresh or not self._refreshed:
             self.refresh()
         elif self._error is not None:
             raise RegistryUnavailable(self._error)

@@ -314,7 +314,7 @@ class ProxyServer:
             log.warning("reload: %s change only on restart; keeping the running values", ", ".join(fixed))
         old_client = self.app.client
         if new.registry != self.config.registry:
-            self.app.replace_registry(Registry(new.registry))
+            self.app.registry = Registry(new.registry)  # read at its first lookup
         self.app.configure(new, client or old_client)
         if client is not None:
             self._retired.add(old_client)

@@ -756,7 +756,7 @@ async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
         app.unchecked_input = False  # no guest input from here on
         copy = tmp_path / "copy.sqlite3"
         copy.write_bytes(registry.read_bytes())  # the same VMs under another path
-        app.replace_registry(Registry(str(copy)))
+        app.registry = Registry(str(copy))  # as a reload that names another file does
         again = app.lookup(A)
     assert again is not None and again.name == "a"
     assert closed == []
