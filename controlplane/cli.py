@@ -11,21 +11,23 @@ Exit codes: 0 ok, 1 failed (one line on stderr naming the thing and the reason),
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from controlplane.app import create_app
 from controlplane.tokens import Secrets, TokenError, Verifier, mint
+from controlplane.vms import VmDirectory, VmFileError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-# Bounds how long SIGTERM waits for in-flight requests (a /runtime/slow call may take 30 s).
+# Bounds how long SIGTERM waits for in-flight requests.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
@@ -48,38 +50,6 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-class VmList:
-    """The ``--vms`` file as a ``vm_exists`` callback: VM ids one per line (blank lines and ``#`` comments skipped).
-
-    Re-read whenever the file's stat changes, so a VM removed from the file is gone for the
-    next request. Unreadable at start: Failure. Unreadable later: no VM exists (fail closed).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stamp: tuple[int, int, int] | None = None
-        self._ids: frozenset[str] = frozenset()
-        try:
-            self._refresh()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise Failure(f"cannot read VM list {path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-    def _refresh(self) -> None:
-        st = os.stat(self._path)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            lines = (line.strip() for line in self._path.read_text(encoding="utf-8").splitlines())
-            self._ids = frozenset(line for line in lines if line and not line.startswith("#"))
-            self._stamp = stamp
-
-    def __call__(self, vm_id: str) -> bool:
-        try:
-            self._refresh()
-        except (OSError, UnicodeDecodeError):
-            return False
-        return vm_id in self._ids
-
-
 def _bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -96,13 +66,20 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(args: argparse.Namespace) -> int:
+def build_app(args: argparse.Namespace, routes: tuple[BaseRoute, ...] = ()) -> ASGIApp:
+    """The reference runtime API as ``serve``'s arguments describe it, with `routes` of one's own beside it."""
     secrets = Secrets.from_specs(args.secret_file)
-    verifier = Verifier(secrets, vm_exists=VmList(args.vms) if args.vms else None, max_age=args.max_age)
+    vms = VmDirectory(args.vms) if args.vms else None
+    verifier = Verifier(secrets, vm_exists=vms.exists if vms else None, max_age=args.max_age)
+    return create_app(verifier, vms=vms, routes=routes)
+
+
+def serve(args: argparse.Namespace, app: ASGIApp) -> int:
+    """Serve `app` on ``--listen`` until SIGTERM/SIGINT (an integrator may wrap build_app's app)."""
     host, port = args.listen
     sock = _bind(host, port)
     config = uvicorn.Config(
-        create_app(verifier),
+        app,
         loop="uvloop",
         http="httptools",
         lifespan="off",
@@ -122,6 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    return serve(args, build_app(args))
+
+
 def _mint(args: argparse.Namespace) -> int:
     if not args.vm_id:
         raise Failure("VM_ID must not be empty")
@@ -129,36 +110,41 @@ def _mint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
         prog="controlplane", allow_abbrev=False, description="Runtime tokens and the reference runtime API."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     secret_help = "the secret in FILE, named KID when given; repeat for rotation (the first one mints)"
 
-    serve = commands.add_parser("serve", allow_abbrev=False, help="serve the reference runtime API")
-    serve.add_argument("--listen", required=True, type=_listen_address, metavar="HOST:PORT")
-    serve.add_argument("--secret-file", required=True, action="append", metavar="[KID:]FILE", help=secret_help)
-    serve.add_argument("--vms", type=Path, metavar="FILE", help="only the VM ids listed here exist (re-read on change)")
-    serve.add_argument("--max-age", type=_positive_int, metavar="SECONDS", help="refuse tokens older than this")
-    serve.set_defaults(run=_serve)
+    serve_ = commands.add_parser("serve", allow_abbrev=False, help="serve the reference runtime API")
+    serve_.add_argument("--listen", required=True, type=_listen_address, metavar="HOST:PORT")
+    serve_.add_argument("--secret-file", required=True, action="append", metavar="[KID:]FILE", help=secret_help)
+    serve_.add_argument(
+        "--vms",
+        type=Path,
+        metavar="FILE",
+        help='the VMs that exist, one a line: an id or {"vm_id", "scope", "metadata"} (re-read on change)',
+    )
+    serve_.add_argument("--max-age", type=_positive_int, metavar="SECONDS", help="refuse tokens older than this")
+    serve_.set_defaults(run=_serve)
 
     mint_ = commands.add_parser("mint", allow_abbrev=False, help="print a runtime token for VM_ID on stdout")
     mint_.add_argument("vm_id", metavar="VM_ID")
     mint_.add_argument("--secret-file", required=True, action="append", metavar="[KID:]FILE", help=secret_help)
     mint_.add_argument("--lifetime", type=_positive_int, metavar="SECONDS", help="set exp this many seconds ahead")
     mint_.set_defaults(run=_mint)
-    return parser
+    return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         code: int = args.run(args)
-    except (Failure, TokenError) as exc:
+    except (Failure, TokenError, VmFileError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except (OSError, ValueError) as exc:  # e.g. the port is taken: one line, not a traceback

@@ -92,6 +92,7 @@ class Exchange:
         "send",
         "request_id",
         "peer",
+        "peer_port",
         "vm",
         "route",
         "status",
@@ -108,6 +109,7 @@ class Exchange:
         self.request_id = new_request_id()
         client = scope.get("client")
         self.peer: str = client[0] if client else ""
+        self.peer_port: int = client[1] if client else 65535  # no peer: never a privileged port
         self.vm: VM | None = None
         self.route = ""
         self.status = 0
@@ -246,13 +248,17 @@ class ProxyApp:
         if route and ex.scope["method"] in guards.UNFORWARDED_METHODS:
             return await ex.refuse(guards.method_not_allowed(guards.FORWARDED_METHODS))
 
-        # 5. The route's guard (local endpoints: "header").
+        # 5. The route's guard (local endpoints: "header"), then its source-port rule.
         guard = route.guard if route else "header"
         if guard == "header":
             refusal = guards.check_metadata_header(headers)
         elif guard == "session":
             token = guards.single_header(headers, b"x-metadata-token")
             refusal = None if self.sessions.valid(token, vm.name, vm.vm_id) else guards.INVALID_SESSION
+        else:  # "none": clients that cannot add a header
+            refusal = None
+        if refusal is None and route and route.privileged_port and ex.peer_port >= guards.PRIVILEGED_PORTS:
+            refusal = guards.UNPRIVILEGED_PORT
         if refusal:
             return await ex.refuse(refusal)
 
@@ -263,12 +269,13 @@ class ProxyApp:
         try:
             # 7. A declared body over the limit is refused before anything is read.
             length = guards.declared_length(headers)
-            if length is not None and length > self.config.limits.max_body_bytes:
-                return await self.refuse_body(ex, RequestBody(ex.receive, self.config.limits.max_body_bytes))
+            body_limit = route.max_body_bytes if route else self.config.limits.max_body_bytes
+            if length is not None and length > body_limit:
+                return await self.refuse_body(ex, RequestBody(ex.receive, body_limit))
             if local_method:
                 return await self.local(ex, raw_path)
             assert route is not None
-            return await self.forward(ex, raw_path, length)
+            return await self.forward(ex, route, raw_path, length)
         finally:
             self.limiter.release(vm.name)
 
@@ -371,7 +378,7 @@ class ProxyApp:
 
     # -- forwarding ---------------------------------------------------------------------
 
-    async def forward(self, ex: Exchange, raw_path: bytes, length: int | None) -> None:
+    async def forward(self, ex: Exchange, route: Route, raw_path: bytes, length: int | None) -> None:
         vm = ex.vm
         assert vm is not None
         if vm.token_exp is not None and vm.token_exp <= time.time():
@@ -395,7 +402,7 @@ class ProxyApp:
                 entry, age = hit
                 return await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
 
-        reader = RequestBody(ex.receive, self.config.limits.max_body_bytes)
+        reader = RequestBody(ex.receive, route.max_body_bytes)
         try:
             # No body on GET/HEAD; a small body whole (one write, retryable); a large one streamed.
             body: bytes | AsyncIterator[bytes] | None = None
@@ -409,6 +416,7 @@ class ProxyApp:
                 headers,
                 body,
                 content_length=length if not isinstance(body, bytes | None) else None,
+                timeout=route.timeout,
                 # Not `idempotent`: SPEC section 3 retries a call that reached the control plane
                 # only on a reused connection closed before any byte (the keep-alive race), so a
                 # GET that crashed it is not replayed, and a refused client certificate fails

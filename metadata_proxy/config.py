@@ -15,11 +15,14 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 DEFAULT_PATH = "/etc/metadata-proxy/config.toml"
-GUARDS = ("header", "session", "none")
+Guard = Literal["header", "session", "none"]
+GUARDS: tuple[Guard, ...] = get_args(Guard)
+DEFAULT_TIMEOUT = 10.0  # [control_plane] timeout, and a route's
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024  # [limits] max_body_bytes, and a route's
 LOCAL_PREFIX = "/metadata/"  # the proxy's own endpoints; no route may shadow them
 
 
@@ -39,7 +42,7 @@ class ListenAddress:
 @dataclass(frozen=True, slots=True)
 class ControlPlane:
     url: str
-    timeout: float = 10.0
+    timeout: float = DEFAULT_TIMEOUT
     retry_budget: float = 5.0
     ca_file: str = ""
     client_cert: str = ""
@@ -51,19 +54,26 @@ class Limits:
     requests_per_second: float = 50.0
     burst: int = 100
     max_concurrent: int = 16
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 @dataclass(frozen=True, slots=True)
 class Cache:
     max_entries_per_vm: int = 256
     max_bytes: int = 64 * 1024 * 1024
+    stale_if_error_max: float = 300.0  # seconds an answer's stale-if-error may stretch it; 0: never stale
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """A forwarded prefix. The loader fills `max_body_bytes` and `timeout` from [limits] and
+    [control_plane] when the route does not set them."""
+
     prefix: str
-    guard: str = "header"
+    guard: Guard = "header"
+    privileged_port: bool = False  # the caller's source port (after the host's NAT) must be < 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    timeout: float = DEFAULT_TIMEOUT
 
 
 DEFAULT_LISTEN: tuple[ListenAddress, ...] = (ListenAddress("169.254.169.254", 80), ListenAddress("fd00:a9fe::254", 80))
@@ -255,8 +265,15 @@ def _route_prefix(value: Any) -> str | None:
     return value
 
 
-def _guard(value: Any) -> str | None:
-    return value if value in GUARDS else None
+def _guard(value: Any) -> Guard | None:
+    for guard in GUARDS:
+        if value == guard:
+            return guard
+    return None
+
+
+def _boolean(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -301,10 +318,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     cache = Cache(
         max_entries_per_vm=cache_table.get("max_entries_per_vm", 256, _integer(0), "must be an integer, 0 or more"),
         max_bytes=cache_table.get("max_bytes", 64 * 1024 * 1024, _integer(0), "must be an integer, 0 or more"),
+        stale_if_error_max=cache_table.get(
+            "stale_if_error_max", 300.0, _number(0), "must be a number of seconds, 0 or more"
+        ),
     )
     cache_table.finish()
 
-    routes = _routes(top, source)
+    routes = _routes(top, source, limits, control_plane)
     top.finish()
     return Config(
         host_id=host_id,
@@ -329,10 +349,13 @@ def _table(top: _Section, key: str, source: str) -> _Section:
     return _Section(value, f"{key}.", source)
 
 
-def _routes(top: _Section, source: str) -> tuple[Route, ...]:
+def _routes(top: _Section, source: str, limits: Limits, control_plane: ControlPlane) -> tuple[Route, ...]:
     top.used.add("routes")
     if "routes" not in top.data:
-        return DEFAULT_ROUTES
+        return tuple(
+            Route(route.prefix, route.guard, route.privileged_port, limits.max_body_bytes, control_plane.timeout)
+            for route in DEFAULT_ROUTES
+        )
     value = top.data["routes"]
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise top.error("routes", value, "must be an array of tables ([[routes]])")
@@ -343,6 +366,13 @@ def _routes(top: _Section, source: str) -> tuple[Route, ...]:
         route = Route(
             prefix=section.get("prefix", "", _route_prefix, 'must be a path like "/runtime/" outside /metadata/'),
             guard=section.get("guard", "header", _guard, "must be one of header, session, none"),
+            privileged_port=section.get("privileged_port", False, _boolean, "must be true or false"),
+            max_body_bytes=section.get(
+                "max_body_bytes", limits.max_body_bytes, _integer(0), "must be an integer, 0 or more"
+            ),
+            timeout=section.get(
+                "timeout", control_plane.timeout, _number(0, above=True), "must be a number of seconds above 0"
+            ),
         )
         section.finish()
         if any(existing.prefix == route.prefix for existing in routes):

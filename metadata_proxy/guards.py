@@ -50,6 +50,12 @@ BAD_PATH = Refusal(400, "bad_path", "The request path is not allowed.")
 NOT_FOUND = Refusal(404, "not_found", "No metadata endpoint or route has this path.")
 MISSING_METADATA = Refusal(400, "missing_metadata_header", "The request needs the header 'Metadata: true'.")
 INVALID_SESSION = Refusal(401, "invalid_session_token", "A valid X-Metadata-Token header is required.")
+UNPRIVILEGED_PORT = Refusal(
+    403, "unprivileged_port", "This path answers only connections from a privileged source port (below 1024)."
+)
+# Ports a guest process needs root (or CAP_NET_BIND_SERVICE) to bind; the host's NAT keeps
+# ports below this below it, so the proxy sees the guest's own choice.
+PRIVILEGED_PORTS = 1024
 INVALID_TTL = Refusal(400, "invalid_ttl", "X-Metadata-Token-TTL-Seconds must be an integer from 1 to 21600.")
 BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
 # Answered by the guest protocol (protocol.GuestProtocol) before the app sees a request.

@@ -466,6 +466,15 @@ class _Connection(asyncio.Protocol):
             self._timer = self._loop.call_later(self._timeout, self._timed_out)
         return fut
 
+    def _set_timeout(self, timeout: float) -> None:
+        """Each wait's limit from now on. A timer armed under another limit would fire at the
+        wrong moment for the next wait: it goes, and the next wait arms one."""
+        if timeout != self._timeout:
+            self._timeout = timeout
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
     def _timed_out(self) -> None:
         self._timer = None
         fut = self._waiter
@@ -673,8 +682,13 @@ class Upstream:
         *,
         content_length: int | None = None,
         idempotent: bool = False,
+        timeout: float | None = None,
     ) -> Response:
         """Send `METHOD target HTTP/1.1` with `headers` (plus Host and framing); return at the response head.
+
+        `timeout`: the limit for each wait of this exchange (the response head, each body
+        read), when it differs from the client's (a route's own, e.g. for long-polls);
+        connecting and waiting for a pool slot keep the client's.
 
         Retries follow SPEC section 3: connect failures with backoff inside `retry_budget`; a
         kept-alive connection closed before any response byte once, at once, on a fresh
@@ -706,6 +720,7 @@ class Upstream:
                     if not await self._backoff(loop, attempt, deadline):
                         raise
                     continue
+            conn._set_timeout(self._timeout if timeout is None else timeout)
             try:
                 return await conn._exchange(head, body, content_length, head_only)
             except ConnectionLost as exc:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -62,7 +63,8 @@ def run(tool: str, *args: str, input: str | None = None, check: bool = True) -> 
 
 
 class ControlPlane:
-    """`controlplane serve` on a loopback port, with its secret in a file."""
+    """`controlplane serve` on a loopback port, with its secret in a file, and the test-only
+    endpoints of tests/controlplane_server.py beside the runtime API."""
 
     def __init__(self, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
@@ -80,7 +82,9 @@ class ControlPlane:
     def start(self) -> ControlPlane:
         self.process = subprocess.Popen(
             [
-                str(BIN / "controlplane"),
+                sys.executable,
+                "-m",
+                "tests.controlplane_server",
                 "serve",
                 "--listen",
                 f"127.0.0.1:{self.port}",
@@ -91,6 +95,7 @@ class ControlPlane:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=REPO,
         )
         wait_for_port(self.port, self.process)
         return self

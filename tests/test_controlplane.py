@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 
 from controlplane.app import create_app
 from controlplane.cli import main
 from controlplane.tokens import Secrets, Verifier, fingerprint, mint
+from tests.controlplane_server import CountRequests, counted, extra_routes
 
 SECRET = b"reference-api-secret-".ljust(48, b"x")
 OTHER = b"some-other-secret-".ljust(48, b"y")
@@ -32,12 +32,13 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def app() -> Starlette:
-    return create_app(Verifier(Secrets([("k1", SECRET)]), vm_exists=lambda vm_id: vm_id != "vm-gone"))
+def app() -> CountRequests:
+    verifier = Verifier(Secrets([("k1", SECRET)]), vm_exists=lambda vm_id: vm_id != "vm-gone")
+    return counted(create_app(verifier, routes=extra_routes()))
 
 
 @pytest.fixture
-async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+async def client(app: CountRequests) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, client=("192.0.2.10", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://control-plane") as client:
         yield client
@@ -83,7 +84,7 @@ async def test_whoami(client: httpx.AsyncClient) -> None:
         f"Bearer {mint('vm-1', ('k1', SECRET), now=int(time.time()) + 300)}",  # future-dated
     ],
 )
-async def test_invalid_token(app: Starlette, client: httpx.AsyncClient, authorization: str | None) -> None:
+async def test_invalid_token(app: CountRequests, client: httpx.AsyncClient, authorization: str | None) -> None:
     headers = {} if authorization is None else {"Authorization": authorization}
     for path in ["/runtime/whoami", "/runtime/echo", "/runtime/status/200", "/runtime/slow?seconds=5"]:
         response = await client.get(path, headers=headers)
@@ -91,7 +92,7 @@ async def test_invalid_token(app: Starlette, client: httpx.AsyncClient, authoriz
         assert response.headers["www-authenticate"].startswith("Bearer")
         if credentials := (authorization or "").partition(" ")[2]:
             assert credentials not in response.text
-    assert app.state.requests_seen == 4
+    assert app.seen == 4
 
 
 @pytest.mark.anyio
@@ -169,14 +170,14 @@ async def test_slow(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.anyio
-async def test_request_counter(app: Starlette, client: httpx.AsyncClient) -> None:
+async def test_request_counter(app: CountRequests, client: httpx.AsyncClient) -> None:
     assert (await client.get("/_test/requests")).json() == {"count": 0}
     await client.get("/nowhere")  # not the runtime API (the proxy's readiness probe is HEAD /)
     await client.get("/runtime/nowhere")
     await client.get("/runtime/whoami")
     await client.get("/runtime/whoami", headers=bearer(mint("vm-1", ("k1", SECRET))))
     assert (await client.get("/_test/requests")).json() == {"count": 3}  # its own reads are not counted
-    assert app.state.requests_seen == 3
+    assert app.seen == 3
 
 
 # --- the real CLI ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import trustme
 
 from controlplane.tokens import Secrets, fingerprint, mint
 from metadata_proxy.registry import LOCK_PATIENCE
-from tests.harness import ControlPlane, Proxy, running, wait_for_port
+from tests.harness import REPO, ControlPlane, Proxy, running, wait_for_port
 
 META = {"Metadata": "true"}
 CACHED = "/runtime/cached"
@@ -479,9 +479,10 @@ import ssl, sys
 import uvicorn
 from controlplane.app import create_app
 from controlplane.tokens import Secrets, Verifier
+from tests.controlplane_server import counted, extra_routes
 port, secret_file, cert, key, client_ca = sys.argv[1:]
 uvicorn.run(
-    create_app(Verifier(Secrets.from_specs([secret_file]))),
+    counted(create_app(Verifier(Secrets.from_specs([secret_file])), routes=extra_routes())),
     host="127.0.0.1", port=int(port), lifespan="off", log_level="critical",
     ssl_certfile=cert, ssl_keyfile=key,
     ssl_ca_certs=client_ca or None, ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
@@ -521,6 +522,7 @@ class TLSControlPlane(ControlPlane):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=REPO,
         )
         wait_for_port(self.port, self.process)
         return self
