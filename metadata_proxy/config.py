@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,12 +85,10 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     cache: Cache = field(default_factory=Cache)
     routes: tuple[Route, ...] = DEFAULT_ROUTES
+    # Count requests per VM name in metadata_proxy_requests. Off: one series per route and
+    # status for all VMs together, so the series stay bounded however many VMs a host has.
+    per_vm_metrics: bool = True
     source: str = "<defaults>"
-
-    @property
-    def metadata_addresses(self) -> tuple[str, ...]:
-        """The hosts of the `listen` entries: where guests find the proxy."""
-        return tuple(dict.fromkeys(entry.host for entry in self.listen))
 
     def input_files(self) -> list[tuple[str, str]]:
         """(key, path) of every file the config names, for check-config and start-up."""
@@ -183,12 +182,6 @@ def _integer(minimum: int) -> Callable[[Any], int | None]:
     return check
 
 
-def _string_list(value: Any) -> tuple[str, ...] | None:
-    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
-        return None
-    return tuple(value)
-
-
 def parse_listen(text: str) -> ListenAddress | None:
     """ "169.254.169.254:80" or "[fd00:a9fe::254]:80" -> ListenAddress, None if malformed."""
     host, sep, port = text.rpartition(":")
@@ -208,13 +201,94 @@ def parse_listen(text: str) -> ListenAddress | None:
     return ListenAddress(str(addr), int(port))
 
 
-def _listen_list(value: Any) -> tuple[ListenAddress, ...] | None:
-    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
-        return None
-    parsed = [parse_listen(item) for item in value]
-    if any(item is None for item in parsed):
-        return None
-    return tuple(item for item in parsed if item is not None)
+def listen_problem(text: str) -> str:
+    """Why `text` is not a listen address (parse_listen said None), for the error message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port:
+        return 'has no port (expected "IP:PORT" or "[IPv6]:PORT")'
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"port {port!r} is not a number from 1 to 65535"
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        addr = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return f"{host!r} is not an IP address (host names are not resolved)"
+    if addr.version == 6 and not bracketed:
+        return 'an IPv6 address goes in brackets: "[IPv6]:PORT"'
+    return 'an IPv4 address goes without brackets: "IP:PORT"'
+
+
+def _listen(top: _Section) -> tuple[ListenAddress, ...]:
+    """The `listen` entries; an error names the bad entry by its index and says why."""
+    value = top.get("listen", None, lambda v: v, "")
+    if value is None:
+        return _DEFAULT.listen
+    if not isinstance(value, list) or not value:
+        raise top.error("listen", value, 'must be a non-empty list of "IP:PORT" / "[IPv6]:PORT"')
+    parsed: list[ListenAddress] = []
+    for index, item in enumerate(value):
+        entry = parse_listen(item) if isinstance(item, str) else None
+        if entry is None:
+            why = listen_problem(item) if isinstance(item, str) else "must be a string"
+            raise top.error(f"listen[{index}]", item, why)
+        if entry in parsed:
+            raise top.error(f"listen[{index}]", item, "is listed twice")
+        parsed.append(entry)
+    return tuple(parsed)
+
+
+# A Host header value a guest may send: a DNS name or an IP address, optionally with a port.
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def _alias_problem(alias: str) -> str | None:
+    """Why `alias` can never match a Host header, or None when it can."""
+    host, port = alias, ""
+    if "/" in alias or " " in alias:
+        return "must be what a Host header holds: a host name or address, no scheme, path or spaces"
+    if alias.startswith("["):
+        inside, bracket, rest = alias[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return 'must be a host name, an IP address or "[IPv6]", optionally with ":PORT"'
+        host, port = inside, rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} in brackets is not an IPv6 address"
+    elif alias.count(":") == 1:
+        host, _, port = alias.partition(":")
+    if alias.count(":") > 1 and not alias.startswith("["):
+        return 'an IPv6 address goes in brackets: "[IPv6]" or "[IPv6]:PORT"'
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        return f"port {port!r} is not a number from 1 to 65535"
+    if not alias.startswith("[") and not _DNS_NAME.fullmatch(host):
+        return "must be a host name or an IP address (no scheme, path, spaces or '_')"
+    return None
+
+
+def _host_aliases(top: _Section) -> tuple[str, ...]:
+    value = top.get("host_aliases", None, lambda v: v, "")
+    if value is None:
+        return _DEFAULT.host_aliases
+    if not isinstance(value, list):
+        raise top.error("host_aliases", value, "must be a list of host names or addresses")
+    for index, item in enumerate(value):
+        why = _alias_problem(item) if isinstance(item, str) else "must be a string"
+        if why is not None:
+            raise top.error(f"host_aliases[{index}]", item, why)
+    return tuple(value)
+
+
+def _boolean(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def max_workers() -> int:
+    """The most `workers` that make sense here: 4 per CPU (uvicorn and gunicorn advise
+    one or two; beyond this they only compete for the same cores)."""
+    return (os.cpu_count() or 1) * 4
 
 
 def _admin_listen(value: Any) -> str | None:
@@ -259,24 +333,45 @@ def _guard(value: Any) -> str | None:
     return value if value in GUARDS else None
 
 
+# The defaults, each defined once: in the dataclasses above. The loader reads them from
+# these instances (the required fields get placeholders that are never used).
+_DEFAULT = Config(host_id="", control_plane=ControlPlane(url=""))
+_CONTROL_PLANE = _DEFAULT.control_plane
+_LIMITS = _DEFAULT.limits
+
+
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML, validating every key."""
     top = _Section(data, "", source)
     top.require("host_id")
     host_id = top.get("host_id", "", _host_id, "must be a non-empty string of printable ASCII without spaces")
-    listen = top.get("listen", DEFAULT_LISTEN, _listen_list, 'must be a non-empty list of "IP:PORT" / "[IPv6]:PORT"')
-    aliases: tuple[str, ...] = top.get("host_aliases", (), _string_list, "must be a list of non-empty strings")
-    registry = top.get("registry", DEFAULT_REGISTRY, _nonempty, "must be a file path")
-    admin = top.get("admin_listen", DEFAULT_ADMIN, _admin_listen, 'must be a unix socket path or a loopback "IP:PORT"')
-    workers = top.get("workers", 1, _integer(1), "must be an integer of at least 1")
+    listen = _listen(top)
+    aliases = _host_aliases(top)
+    registry = top.get("registry", _DEFAULT.registry, _nonempty, "must be a file path")
+    if not os.path.isabs(registry) or registry.endswith("/"):
+        raise top.error("registry", registry, "must be an absolute path to a file")
+    if os.path.isdir(registry):
+        raise top.error("registry", registry, "is a directory; name the registry file inside it")
+    admin = top.get(
+        "admin_listen", _DEFAULT.admin_listen, _admin_listen, 'must be a unix socket path or a loopback "IP:PORT"'
+    )
+    workers = top.get("workers", _DEFAULT.workers, _integer(1), "must be an integer of at least 1")
+    most = max_workers()
+    if workers > most:
+        raise top.error("workers", workers, f"more than 4 per CPU ({most} on this host) only adds contention")
+    per_vm_metrics = top.get("per_vm_metrics", _DEFAULT.per_vm_metrics, _boolean, "must be true or false")
 
     top.require("control_plane")
     cp = _table(top, "control_plane", source)
     cp.require("url")
     control_plane = ControlPlane(
         url=cp.get("url", "", _url, "must be an http:// or https:// URL with a host, no credentials and no query"),
-        timeout=cp.get("timeout", 10.0, _number(0, above=True), "must be a number of seconds above 0"),
-        retry_budget=cp.get("retry_budget", 5.0, _number(0), "must be a number of seconds, 0 or more"),
+        timeout=cp.get(
+            "timeout", _CONTROL_PLANE.timeout, _number(0, above=True), "must be a number of seconds above 0"
+        ),
+        retry_budget=cp.get(
+            "retry_budget", _CONTROL_PLANE.retry_budget, _number(0), "must be a number of seconds, 0 or more"
+        ),
         ca_file=cp.get("ca_file", "", _string, "must be a file path or empty"),
         client_cert=cp.get("client_cert", "", _string, "must be a file path or empty"),
         client_key=cp.get("client_key", "", _string, "must be a file path or empty"),
@@ -290,10 +385,14 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
     lim = _table(top, "limits", source)
     limits = Limits(
-        requests_per_second=lim.get("requests_per_second", 50.0, _number(0, above=True), "must be a number above 0"),
-        burst=lim.get("burst", 100, _integer(1), "must be an integer of at least 1"),
-        max_concurrent=lim.get("max_concurrent", 16, _integer(1), "must be an integer of at least 1"),
-        max_body_bytes=lim.get("max_body_bytes", 10 * 1024 * 1024, _integer(0), "must be an integer, 0 or more"),
+        requests_per_second=lim.get(
+            "requests_per_second", _LIMITS.requests_per_second, _number(0, above=True), "must be a number above 0"
+        ),
+        burst=lim.get("burst", _LIMITS.burst, _integer(1), "must be an integer of at least 1"),
+        max_concurrent=lim.get(
+            "max_concurrent", _LIMITS.max_concurrent, _integer(1), "must be an integer of at least 1"
+        ),
+        max_body_bytes=lim.get("max_body_bytes", _LIMITS.max_body_bytes, _integer(0), "must be an integer, 0 or more"),
     )
     lim.finish()
 
@@ -317,6 +416,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         limits=limits,
         cache=cache,
         routes=routes,
+        per_vm_metrics=per_vm_metrics,
         source=source,
     )
 
@@ -362,6 +462,8 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: say where, not the decoder's traceback
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
     return parse_config(data, path)
 
 
