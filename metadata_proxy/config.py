@@ -8,11 +8,14 @@ ConfigError with a message that names the key and the value, e.g.::
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import math
 import os
+import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -467,10 +470,123 @@ def load_config(path: str) -> Config:
     return parse_config(data, path)
 
 
-def check_input_files(config: Config) -> None:
-    """Raise ConfigError for the first named input file that cannot be read."""
+def check_input_files(config: Config, *, user: str | None = None) -> None:
+    """Raise ConfigError for the first named input file that cannot be used: missing, not
+    readable (by this process, and by `user` when given: the service's user, which is
+    not the root running check-config), or TLS material that does not load (a CA bundle
+    without a certificate, a certificate or key that is not PEM, a key that does not
+    belong to the certificate). The message names the key, the file and the reason."""
+    account = _account(user) if user is not None else None
     for key, path in config.input_files():
+
+        def fail(why: str, key: str = key, path: str = path) -> ConfigError:
+            return ConfigError(f'{config.source}: {key} = "{path}": {why}')
+
         if not os.path.isfile(path):
-            raise ConfigError(f'{config.source}: {key} = "{path}": no such file')
+            raise fail("no such file" if not os.path.exists(path) else "not a regular file")
         if not os.access(path, os.R_OK):
-            raise ConfigError(f'{config.source}: {key} = "{path}": not readable')
+            raise fail("not readable")
+        if account is not None and (why := unreadable_by(path, account)) is not None:
+            raise fail(why)
+    if account is not None and os.path.exists(config.registry):
+        why = unreadable_by(config.registry, account)
+        if why is not None:
+            raise ConfigError(f'{config.source}: registry = "{config.registry}": {why}')
+    _check_tls(config)
+
+
+def _account(user: str) -> tuple[str, int, frozenset[int]]:
+    """(name, uid, every gid) of `user`."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"user {user}: no such user") from None
+    groups = {entry.pw_gid, *(group.gr_gid for group in grp.getgrall() if user in group.gr_mem)}
+    return entry.pw_name, entry.pw_uid, frozenset(groups)
+
+
+def unreadable_by(path: str, account: tuple[str, int, frozenset[int]]) -> str | None:
+    """Why `account` cannot read `path` by its permission bits (every directory on the
+    way must be searchable), or None. Root reads everything; ACLs are not consulted."""
+    name, uid, gids = account
+    if uid == 0:
+        return None
+
+    def allowed(st: os.stat_result, bit: int) -> bool:  # bit: 4 read, 1 search
+        if st.st_uid == uid:
+            return bool(st.st_mode >> 6 & bit)
+        if st.st_gid in gids:
+            return bool(st.st_mode >> 3 & bit)
+        return bool(st.st_mode & bit)
+
+    def owner(st: os.stat_result) -> str:
+        try:
+            who = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            who = str(st.st_uid)
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        return f"mode {stat.S_IMODE(st.st_mode):04o}, owner {who}:{group}"
+
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    parents = []
+    while True:
+        parents.append(directory)
+        if directory == os.path.dirname(directory):
+            break
+        directory = os.path.dirname(directory)
+    for directory in reversed(parents):
+        st = os.stat(directory)
+        if not allowed(st, 1):
+            return f"the service user {name} cannot enter its directory {directory} ({owner(st)})"
+    st = os.stat(path)
+    if not allowed(st, 4):
+        return f"the service user {name} cannot read it ({owner(st)})"
+    return None
+
+
+def _check_tls(config: Config) -> None:
+    """Load the TLS material as the upstream client will, naming the file that fails.
+    (Imported here: hostagent reads configs too, and never needs these.)"""
+    import ssl
+
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    cp = config.control_plane
+
+    def fail(key: str, path: str, why: str) -> ConfigError:
+        return ConfigError(f'{config.source}: control_plane.{key} = "{path}": {why}')
+
+    if cp.ca_file:
+        try:
+            ssl.create_default_context(cafile=cp.ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise fail("ca_file", cp.ca_file, f"not a PEM CA bundle ({exc.args[-1] if exc.args else exc})") from None
+    if not cp.client_cert:
+        return
+    with open(cp.client_cert, "rb") as f:
+        cert_data = f.read()
+    with open(cp.client_key, "rb") as f:
+        key_data = f.read()
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_data)
+    except ValueError:
+        raise fail("client_cert", cp.client_cert, "not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise fail(
+            "client_key", cp.client_key, "the key is encrypted; the service cannot ask for a passphrase"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise fail("client_key", cp.client_key, "not a PEM private key") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != certificate.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise fail("client_key", cp.client_key, f"does not belong to the certificate in {cp.client_cert}")

@@ -90,16 +90,23 @@ class Agent:
         return result
 
 
+def set_up(tmp_path: Path) -> Path:
+    """A registry path whose directory exists, as `hostagent host setup` leaves it."""
+    path = tmp_path / "state" / "registry.sqlite3"
+    Store(str(path)).ensure_directory()
+    return path
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
     """The CLI, in this process."""
-    return Agent(tmp_path / "state" / "registry.sqlite3", subprocess=False)
+    return Agent(set_up(tmp_path), subprocess=False)
 
 
 @pytest.fixture
 def process(tmp_path: Path) -> Agent:
     """The CLI as the installed script in a child process."""
-    return Agent(tmp_path / "state" / "registry.sqlite3", subprocess=True)
+    return Agent(set_up(tmp_path), subprocess=True)
 
 
 def dump(path: Path) -> tuple[str, list[str]]:
@@ -281,16 +288,29 @@ def test_changes_need_replace(agent: Agent) -> None:
     assert agent.add("other", "10.0.0.1").returncode == 0
 
 
-def test_reads_of_a_missing_registry_create_nothing(agent: Agent) -> None:
+def test_reads_of_a_missing_registry_create_nothing(tmp_path: Path) -> None:
+    agent = Agent(tmp_path / "state" / "registry.sqlite3", subprocess=False)
     assert agent.list() == []
     assert agent("vm", "remove", "ghost").stdout.strip() == "ghost: already absent"
     assert agent("reconcile").returncode == 0
     assert not agent.registry.exists() and not agent.registry.parent.exists()
 
 
+def test_a_mistyped_registry_path_creates_no_directory(tmp_path: Path) -> None:
+    # Only `host setup` makes the registry's directory: a write elsewhere is refused.
+    agent = Agent(tmp_path / "x" / "y" / "registry.sqlite3", subprocess=True)
+    missing = f"its directory {agent.registry.parent} does not exist"
+    one_line_failure(agent.add("vm", "10.0.0.1"), str(agent.registry), missing)
+    line = json.dumps({"name": "vm", "address": "10.0.0.1", "token": token()})
+    one_line_failure(agent("vm", "sync", "-", stdin=line + "\n"), missing)
+    assert not (tmp_path / "x").exists()
+
+
 def test_registry_file_modes_without_the_proxy_user(process: Agent) -> None:
     if store.proxy_access().gid is not None:
         pytest.skip("this machine has a metadata-proxy user or group")
+    process.registry.parent.rmdir()
+    Store(str(process.registry)).ensure_directory()  # as `host setup` makes it
     assert process.add("vm", "10.0.0.1").returncode == 0
     assert stat.S_IMODE(process.registry.stat().st_mode) == 0o600
     assert stat.S_IMODE(process.registry.parent.stat().st_mode) == 0o700
@@ -312,6 +332,7 @@ def test_registry_file_modes_with_the_proxy_group(tmp_path: Path) -> None:
     old = os.umask(0o022)  # a lax umask must not leak into the file, its directory or its journal
     try:
         reg = Store(str(path), Access(gid))
+        reg.ensure_directory()
         assert reg.add(make_entry("vm", ["10.0.0.1"], token())) == "added"
         st, dst = path.stat(), path.parent.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, gid)
@@ -335,7 +356,7 @@ def test_registry_file_modes_with_the_proxy_group(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "schema", "foreign", "missing-table"])
 def test_a_damaged_registry_is_reported_and_never_replaced(tmp_path: Path, damage: str) -> None:
-    agent = Agent(tmp_path / "state" / "registry.sqlite3", subprocess=damage == "garbage")
+    agent = Agent(set_up(tmp_path), subprocess=damage == "garbage")
     assert agent.add("vm", "10.0.0.1").returncode == 0
     path = agent.registry
     if damage == "garbage":
@@ -569,7 +590,7 @@ def test_each_write_is_one_sequence_number_with_tombstones(reg: Store) -> None:
 
 def test_a_version_1_registry_is_read_then_upgraded_by_the_next_write(agent: Agent) -> None:
     path = agent.registry
-    path.parent.mkdir()
+    path.parent.mkdir(exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
         "CREATE TABLE vms (name TEXT PRIMARY KEY, vm_id TEXT NOT NULL, token TEXT NOT NULL, token_exp INTEGER,"
