@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hostagent import files
-from hostagent.entries import Change, Entry, differences, make_change, make_entry, parse_sync
+from hostagent.entries import KEEP, Change, Entry, differences, make_change, make_entry, parse_sync
 from hostagent.errors import Conflict, InvalidEntry, PlumbingFailed, RegistryDamaged, StoreError
 from hostagent.files import Access, proxy_access
 from hostagent.plumbing import Plumbing, entry_of, nothing, plumb_all, replumb, touches_netns
@@ -51,6 +51,7 @@ __all__ = [
     "Conflict",
     "Entry",
     "InvalidEntry",
+    "KEEP",
     "PlumbingFailed",
     "Put",
     "RegistryDamaged",
@@ -75,6 +76,7 @@ class SyncResult:
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (VM name, reason) of failed plumbing
+    fields: dict[str, list[str]] = field(default_factory=dict)  # replaced VM name -> the fields that change
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,7 @@ class Store:
                     f"VM {entry.name}: its token is already registered for VM {twin[0]}; each VM has its own"
                 )
             if old is not None and not replace:
-                what = " and ".join(field for field in ("token", "address", "netns") if field in changed)
+                what = " and ".join(key for key in ("token", "address", "netns") if key in changed)
                 raise Conflict(f"VM {entry.name} is registered with a different {what}; use --replace to change it")
             if plumber is not None and entry.netns is not None:
                 try:
@@ -303,6 +305,8 @@ def _plan(current: dict[str, VM], entries: Sequence[Entry]) -> tuple[SyncResult,
             result.unchanged += 1
             continue
         (result.added if old is None else result.replaced).append(entry.name)
+        if old is not None:
+            result.fields[entry.name] = differences(old, entry)
         changes.append((old, entry))
     gone = [vm for name, vm in current.items() if name not in desired]
     result.removed = [vm.name for vm in gone]
