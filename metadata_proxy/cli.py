@@ -85,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from . import server, workers  # only now: see _metrics_storage
 
         guest, admin = server.open_sockets(config, os.environ)
+        admin_path = server.unix_path(admin)
         notifier = systemd.Notifier.from_environ(os.environ)
         if metrics_dir is not None:
             supervisor = workers.Supervisor(
@@ -103,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         if admin is not None:  # after a stop, and after a start that failed once it was bound
-            server.remove_admin_socket(admin)
+            admin.close()
+            server.remove_socket_file(admin_path)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 

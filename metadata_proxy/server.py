@@ -90,14 +90,20 @@ def bind_admin(address: str) -> socket.socket:
     return sock
 
 
-def remove_admin_socket(sock: socket.socket) -> None:
-    """Close the admin socket and, for a unix one, remove its file (on stop, and after a
-    start that failed once it was bound: a stale file looks like a service to scrape)."""
-    with contextlib.suppress(OSError):  # already closed, or the file already gone
-        path = sock.getsockname() if sock.family == socket.AF_UNIX else None
-        if isinstance(path, str) and path and stat.S_ISSOCK(os.lstat(path).st_mode):
+def unix_path(sock: socket.socket) -> str | None:
+    """The file of a unix socket (read while it is open: uvicorn closes it on shutdown)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    path = sock.getsockname()
+    return path if isinstance(path, str) and path else None
+
+
+def remove_socket_file(path: str | None) -> None:
+    """Remove the admin socket's file, on stop and after a start that failed once it was
+    bound: a stale file looks like a service to scrape."""
+    with contextlib.suppress(OSError):  # already gone
+        if path is not None and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
-    sock.close()
 
 
 def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
@@ -164,6 +170,7 @@ class ProxyServer:
         self.config_path = config_path
         self.guest_sockets = guest_sockets
         self.admin_socket = admin_socket
+        self._admin_path = unix_path(admin_socket) if admin_socket is not None else None
         self.notifier = notifier
         self.sessions = sessions
         self.access_log = access_log
@@ -279,8 +286,7 @@ class ProxyServer:
         self.app.access_log.flush()
         self.app.metrics.apply()
         # 6. the admin socket's file goes: a stale one would look like a running service.
-        if self.admin_socket is not None:
-            remove_admin_socket(self.admin_socket)
+        remove_socket_file(self._admin_path)
         log.info("stopped")
 
     def _ready(self) -> None:

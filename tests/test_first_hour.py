@@ -122,9 +122,8 @@ def test_the_admin_socket_is_removed_after_a_failed_start(tmp_path: Path, cp: Co
 
 def test_the_first_failed_probe_and_every_change_of_reachability_are_logged(tmp_path: Path) -> None:
     control_plane = ControlPlane(tmp_path)  # not started yet: its port refuses
-    proxy = Proxy(tmp_path / "proxy", control_plane.url) if (tmp_path / "proxy").mkdir() is None else None
-    assert proxy is not None
-    proxy.start()
+    (tmp_path / "proxy").mkdir()
+    proxy = Proxy(tmp_path / "proxy", control_plane.url).start()
     with running(proxy):
         unreachable = f"control plane {control_plane.url} unreachable"
         reachable = f"control plane {control_plane.url} reachable"
@@ -136,10 +135,10 @@ def test_the_first_failed_probe_and_every_change_of_reachability_are_logged(tmp_
             control_plane.stop()
         _wait_for(lambda: sum(m.startswith(unreachable) for m in _messages(proxy)) == 2, "the second change")
         time.sleep(2.5)  # more failed probes: they change nothing, so they log nothing
-        changes = [m.split(":")[0] for m in _messages(proxy) if m.startswith("control plane ")]
+        changes = [m.split(": ")[0] for m in _messages(proxy) if m.startswith("control plane ")]
         assert changes == [unreachable, reachable, unreachable]
         levels = {
-            json.loads(line)["message"].split(":")[0]: json.loads(line)["level"]
+            json.loads(line)["message"].split(": ")[0]: json.loads(line)["level"]
             for line in proxy.log_lines()
             if "control plane" in line
         }
@@ -271,3 +270,59 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
     )
     result = run("metadata-proxy", "check-config", "--config", str(config), "--user", "no-such-user-here", check=False)
     assert result.returncode == 1 and result.stderr == "metadata-proxy: user no-such-user-here: no such user\n"
+
+
+# -- a bug's traceback is never lost --------------------------------------------------------
+
+# A fault no code path expects, injected at start-up through `sitecustomize` (the standard
+# library's own hook), into a third-party or standard-library call each command makes.
+_FAULTS = {
+    "metadata-proxy": (
+        "import tomllib\ndef load(*a, **k):\n    raise ZeroDivisionError('injected fault')\ntomllib.load = load\n",
+        ("check-config", "--config", "{config}"),
+    ),
+    "hostagent": (
+        "import sqlite3\ndef connect(*a, **k):\n    raise ZeroDivisionError('injected fault')\nsqlite3.connect = connect\n",
+        ("--registry", "{registry}", "vm", "list"),
+    ),
+    "controlplane": (
+        "import jwt\ndef encode(*a, **k):\n    raise ZeroDivisionError('injected fault')\njwt.encode = encode\n",
+        ("mint", "vm-1", "--secret-file", "{secret}"),
+    ),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(_FAULTS))
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_kept(tool: str, tmp_path: Path) -> None:
+    code, template = _FAULTS[tool]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    (tmp_path / "config.toml").write_text('host_id = "h"\n[control_plane]\nurl = "http://127.0.0.1:9"\n')
+    (tmp_path / "secret").write_text("s" * 32)
+    (tmp_path / "registry.sqlite3").write_bytes(b"")
+    values = {
+        "config": tmp_path / "config.toml",
+        "registry": tmp_path / "registry.sqlite3",
+        "secret": tmp_path / "secret",
+    }
+    args = [part.format(**values) for part in template]
+    env = {**os.environ, "PYTHONPATH": str(hook), "TMPDIR": str(tmp_path)}
+
+    plain = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert plain.returncode == 1
+    assert plain.stdout == ""
+    line = f"{tool}: internal error: ZeroDivisionError: injected fault (traceback in "
+    assert plain.stderr.startswith(line) and plain.stderr.count("\n") == 1, plain.stderr
+    kept = Path(plain.stderr[len(line) :].rstrip(")\n"))
+    assert kept.parent == tmp_path and oct(kept.stat().st_mode & 0o777) == oct(0o600)
+    assert "Traceback (most recent call last)" in kept.read_text() and "injected fault" in kept.read_text()
+
+    debug = subprocess.run(
+        [str(BIN / tool), "--debug", *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert debug.returncode == 1
+    assert debug.stderr.startswith("Traceback (most recent call last)")
+    assert (
+        debug.stderr.splitlines()[-1] == f"{tool}: internal error: ZeroDivisionError: injected fault (traceback above)"
+    )
