@@ -274,21 +274,17 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
 
 # -- a bug's traceback is never lost --------------------------------------------------------
 
+
 # A fault no code path expects, injected at start-up through `sitecustomize` (the standard
 # library's own hook), into a third-party or standard-library call each command makes.
+def _fault(module: str, function: str) -> str:
+    return f"import {module}\ndef fault(*a, **k):\n    raise ZeroDivisionError('injected fault')\n{module}.{function} = fault\n"
+
+
 _FAULTS = {
-    "metadata-proxy": (
-        "import tomllib\ndef load(*a, **k):\n    raise ZeroDivisionError('injected fault')\ntomllib.load = load\n",
-        ("check-config", "--config", "{config}"),
-    ),
-    "hostagent": (
-        "import sqlite3\ndef connect(*a, **k):\n    raise ZeroDivisionError('injected fault')\nsqlite3.connect = connect\n",
-        ("--registry", "{registry}", "vm", "list"),
-    ),
-    "controlplane": (
-        "import jwt\ndef encode(*a, **k):\n    raise ZeroDivisionError('injected fault')\njwt.encode = encode\n",
-        ("mint", "vm-1", "--secret-file", "{secret}"),
-    ),
+    "metadata-proxy": (_fault("tomllib", "load"), ("check-config", "--config", "{config}")),
+    "hostagent": (_fault("sqlite3", "connect"), ("--registry", "{registry}", "vm", "list")),
+    "controlplane": (_fault("jwt", "encode"), ("mint", "vm-1", "--secret-file", "{secret}")),
 }
 
 
