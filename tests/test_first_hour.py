@@ -278,7 +278,8 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
 # A fault no code path expects, injected at start-up through `sitecustomize` (the standard
 # library's own hook), into a third-party or standard-library call each command makes.
 def _fault(module: str, function: str) -> str:
-    return f"import {module}\ndef fault(*a, **k):\n    raise ZeroDivisionError('injected fault')\n{module}.{function} = fault\n"
+    body = "    raise ZeroDivisionError('injected fault')"
+    return f"import {module}\ndef fault(*a, **k):\n{body}\n{module}.{function} = fault\n"
 
 
 _FAULTS = {
