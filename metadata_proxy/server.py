@@ -240,7 +240,7 @@ class ProxyServer:
         ticker = asyncio.create_task(self.guest.main_loop())  # uvicorn's Date header upkeep
         names = ", ".join(str(socket_listen_address(s) or s.getsockname()) for s in self.guest_sockets)
         admin = self.config.admin_listen if self.admin is not None else "another worker"
-        log.info("metadata-proxy %s serving guests on %s, admin on %s, pid %d", version(), names, admin, os.getpid())
+        log.info("serving guests on %s, admin on %s, pid %d, metadata-proxy %s", names, admin, os.getpid(), version())
         self._ready()
         if self.on_ready is not None:
             self.on_ready()

@@ -68,7 +68,8 @@ def test_the_start_up_line_and_build_info_carry_the_version_and_stop_removes_the
         assert proxy.admin.exists()
         _wait_for(lambda: any("serving guests" in m for m in _messages(proxy)), "the start-up line")
         started = next(m for m in _messages(proxy) if "serving guests" in m)
-        assert started.startswith(f"metadata-proxy {version()} serving guests on 127.0.0.1:{proxy.port}")
+        assert started.startswith(f"serving guests on 127.0.0.1:{proxy.port}, admin on {proxy.admin}, pid ")
+        assert started.endswith(f", metadata-proxy {version()}")
         build = [(labels, value) for name, labels, value in _samples(proxy) if name == "metadata_proxy_build_info"]
         assert len(build) == 1
         assert build[0][0]["version"] == version() and build[0][1] == 1
