@@ -477,6 +477,10 @@ def check_input_files(config: Config, *, user: str | None = None) -> None:
     without a certificate, a certificate or key that is not PEM, a key that does not
     belong to the certificate). The message names the key, the file and the reason."""
     account = _account(user) if user is not None else None
+    if account is not None and os.path.isfile(config.source):  # the service reads its config too
+        why = unreadable_by(config.source, account)
+        if why is not None:
+            raise ConfigError(f"{config.source}: {why}")
     for key, path in config.input_files():
 
         def fail(why: str, key: str = key, path: str = path) -> ConfigError:

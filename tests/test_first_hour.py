@@ -269,6 +269,13 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
         f'registry = "{shared_dir}/registry.sqlite3": the service user nobody cannot enter its directory {hidden}'
         in result.stderr
     )
+    config.chmod(0o600)
+    result = run("metadata-proxy", "check-config", "--config", str(config), "--user", "nobody", check=False)
+    assert (
+        result.stderr
+        == f"metadata-proxy: {config}: the service user nobody cannot read it (mode 0600, owner {owner})\n"
+    )
+    config.chmod(0o644)
     result = run("metadata-proxy", "check-config", "--config", str(config), "--user", "no-such-user-here", check=False)
     assert result.returncode == 1 and result.stderr == "metadata-proxy: user no-such-user-here: no such user\n"
 
