@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 # Tombstones of the last this many write transactions are kept. A running proxy checks the
-# file on every lookup; one that falls further behind (stopped, or starting) reads it whole.
+# file every 0.25 s; one that falls further behind (stopped, or starting) reads it whole.
 TOMBSTONE_WINDOW = 10_000
 
 

@@ -2,11 +2,11 @@
 that `hostagent` writes. The file itself (schema, the one schema check, the change feed)
 is `registry_file`, which both sides import; the names the app uses are re-exported here.
 
-`Registry` re-checks the file on every lookup (a ``stat`` and a read of the 100-byte
-SQLite header on a file kept open, a couple of microseconds) and, when it changed, reads
-only what changed since its sequence. That makes a `hostagent` change effective for the
-very next request in every worker, and a damaged file noticed at once, at a cost that
-follows the change, not the registry's size:
+`Registry.refresh` re-checks the file (a ``stat`` and a read of the 100-byte SQLite header
+on a file kept open, a couple of microseconds) and, when it changed, reads only what
+changed since its sequence (`registry_file.read_since`), at a cost that follows the
+change, not the registry's size. When the app asks it to, and how that keeps a
+`hostagent` change in effect for the next request, is the app's business (`ProxyApp.lookup`).
 
     RegistryError
     └── RegistryUnavailable   the file exists but cannot be read or is not a registry
