@@ -14,6 +14,7 @@ import argparse
 import socket
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import uvicorn
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp
 from controlplane.app import create_app
 from controlplane.tokens import Secrets, TokenError, Verifier, mint
 from controlplane.vms import VmDirectory, VmFileError
+from metadata_proxy.cli_errors import report_unexpected  # standard library only
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -114,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="controlplane", allow_abbrev=False, description="Runtime tokens and the reference runtime API."
     )
+    top.add_argument("--version", action="version", version=f"controlplane {_version()}")
+    top.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     secret_help = "the secret in FILE, named KID when given; repeat for rotation (the first one mints)"
 
@@ -150,7 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # e.g. the port is taken: one line, not a traceback
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except Exception as exc:  # a bug: one line, and the traceback kept (pipx's habit)
+        return report_unexpected("controlplane", exc, debug=args.debug or args.command == "serve")
     return code
+
+
+def _version() -> str:
+    # The distribution's version, read here rather than from metadata_proxy: an integrator
+    # may import controlplane alone.
+    try:
+        return metadata.version("metadata-proxy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from typing import NoReturn
 
 from controlplane.tokens import fingerprint
 from hostagent import netns, store
+from metadata_proxy.cli_errors import report_unexpected
 from metadata_proxy.config import DEFAULT_LISTEN, DEFAULT_PATH, DEFAULT_REGISTRY, ConfigError, load_config
 from metadata_proxy.registry import VM
+from metadata_proxy.version import version
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,6 +40,11 @@ class Failed(Exception):
 class Settings:
     registry: str
     endpoints: tuple[netns.Endpoint, ...]
+
+    @property
+    def reserved(self) -> frozenset[str]:
+        """The metadata addresses: where guests find the proxy, never a VM's address."""
+        return frozenset(endpoint.address for endpoint in self.endpoints)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -119,11 +126,34 @@ def cmd_host_setup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_vm_add(args: argparse.Namespace, settings: Settings) -> int:
-    token = _read_token(args.token_file)
-    entry = store.make_entry(args.name, args.address, token, args.netns)
-    outcome = store.Store(settings.registry).add(entry, replace=args.replace, plumber=netns.Plumber(settings.endpoints))
-    print(f"{entry.name}: {outcome} ({', '.join(entry.addresses)}, token {fingerprint(entry.token)})")
+    token = _read_token(args.token_file) if args.token_file is not None else None
+    change: store.Entry | store.Change
+    if args.replace:
+        # What the command names changes; the rest stays as registered.
+        netns_change = None if args.no_netns else args.netns if args.netns is not None else store.KEEP
+        change = store.make_change(args.name, args.address, token, netns_change, reserved=settings.reserved)
+    else:
+        assert token is not None and args.address is not None  # checked with the usage
+        change = store.make_entry(args.name, args.address, token, args.netns, reserved=settings.reserved)
+    put = store.Store(settings.registry).put(change, replace=args.replace, plumber=netns.Plumber(settings.endpoints))
+    entry = put.new
+    if put.old is None or not put.changed:
+        print(f"{entry.name}: {put.outcome} ({', '.join(entry.addresses)}, token {fingerprint(entry.token)})")
+    else:
+        shown = ", ".join(f"{key} {_field(put.old, key)} -> {_field(put.new.as_vm(), key)}" for key in put.changed)
+        print(f"{entry.name}: {put.outcome}: {shown}")
     return EXIT_OK
+
+
+def _field(vm: VM, key: str) -> str:
+    """One field of `vm` as `vm add` shows a change of it (the token by its fingerprint)."""
+    if key == "token":
+        return fingerprint(vm.token)
+    if key == "address":
+        return ",".join(_addresses(vm))
+    if key == "netns":
+        return vm.netns or "-"
+    return vm.vm_id
 
 
 def cmd_vm_apply(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,10 +218,25 @@ def cmd_vm_sync(args: argparse.Namespace, settings: Settings) -> int:
     except UnicodeDecodeError:
         raise Failed(f"sync file {args.file}: not UTF-8 text") from None
     try:
-        entries = store.parse_sync(lines)
+        entries = store.parse_sync(lines, reserved=settings.reserved)
     except store.InvalidEntry as exc:
         raise Failed(f"sync file {args.file}: {exc}") from None
-    result = store.Store(settings.registry).sync(entries, plumber=netns.Plumber(settings.endpoints))
+    if not entries and not args.allow_empty:
+        # An empty set removes every VM: more often a failed export than a wish.
+        raise Failed(f"sync file {args.file}: no VM in it; that would remove every VM (--allow-empty to mean it)")
+    registry = store.Store(settings.registry)
+    if args.dry_run:
+        result = registry.sync(entries, dry_run=True)
+        for mark, names in (("add", result.added), ("replace", result.replaced), ("remove", result.removed)):
+            for name in names:
+                fields = result.fields.get(name)
+                print(f"would {mark} {name}" + (f" ({', '.join(fields)})" if fields else ""))
+        print(
+            f"sync (dry run, nothing changed): {len(result.added)} to add, {len(result.replaced)} to replace, "
+            f"{len(result.removed)} to remove, {result.unchanged} unchanged"
+        )
+        return EXIT_OK
+    result = registry.sync(entries, plumber=netns.Plumber(settings.endpoints))
     print(
         f"sync: {len(result.added)} added, {len(result.replaced)} replaced, "
         f"{len(result.removed)} removed, {result.unchanged} unchanged"
@@ -238,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", metavar="FILE", help=f"proxy config (default {DEFAULT_PATH} if it exists)")
     source.add_argument("--registry", metavar="FILE", help="registry file, default metadata addresses, no config")
+    parser.add_argument("--version", action="version", version=f"hostagent {version()}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{host,vm,reconcile}")
 
     host = _command(commands, "host", "host-wide plumbing").add_subparsers(dest="action", required=True)
@@ -247,10 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     vm = _command(commands, "vm", "VM registry and per-VM plumbing").add_subparsers(dest="action", required=True)
     add = _command(vm, "add", "register a VM (and install its table with --netns)")
     add.add_argument("name", metavar="NAME")
-    add.add_argument("--address", action="append", required=True, metavar="ADDR", help="one IPv4 and/or one IPv6")
-    add.add_argument("--token-file", required=True, metavar="FILE", help="file holding the token, - for stdin")
-    add.add_argument("--netns", metavar="NS", help="the VM's network namespace")
-    add.add_argument("--replace", action="store_true", help="change a registered VM's token, address or netns")
+    add.add_argument("--address", action="append", metavar="ADDR", help="one IPv4 and/or one IPv6")
+    add.add_argument("--token-file", metavar="FILE", help="file holding the token, - for stdin")
+    where = add.add_mutually_exclusive_group()
+    where.add_argument("--netns", metavar="NS", help="the VM's network namespace")
+    where.add_argument("--no-netns", action="store_true", help="with --replace: the VM leaves its namespace")
+    add.add_argument(
+        "--replace", action="store_true", help="change what is named (token, address, netns) and keep the rest"
+    )
     add.set_defaults(run=cmd_vm_add)
     for name, run, what in (
         ("apply", cmd_vm_apply, "re-install a VM's table in its namespace"),
@@ -268,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_vm_show)
     sync = _command(vm, "sync", "converge the registry to a complete set (JSON lines)")
     sync.add_argument("file", metavar="FILE", help="JSON lines file, - for stdin")
+    sync.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    sync.add_argument("--allow-empty", action="store_true", help="accept an empty set (removes every VM)")
     sync.set_defaults(run=cmd_vm_sync)
 
     reconcile = _command(commands, "reconcile", "re-apply every VM's table; list missing namespaces")
@@ -280,6 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "run", None) is cmd_vm_add and not args.replace:
+            missing = [
+                option
+                for option, value in (("--address", args.address), ("--token-file", args.token_file))
+                if not value
+            ]
+            if missing:
+                parser.error(f"vm add: {' and '.join(missing)} required (only --replace may leave them out)")
+        if getattr(args, "run", None) is cmd_vm_add and args.no_netns and not args.replace:
+            parser.error("vm add: --no-netns goes with --replace")
     except SystemExit as exc:  # argparse exits 2 on a usage error, 0 for --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
@@ -288,9 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted")
-    except Exception as exc:  # an expected failure has a type above; still never a traceback
-        _fail(f"internal error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a bug: one line, the traceback kept (never a token in either)
+        return report_unexpected("hostagent", exc, debug=args.debug, redact=_redact)
     return EXIT_FAILED
+
+
+def _redact(text: str) -> str:
+    return _JWT_SHAPE.sub("<token redacted>", text)
 
 
 def _fail(message: str) -> None:

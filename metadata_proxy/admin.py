@@ -33,6 +33,9 @@ class UpstreamProbe:
         self.app = app
         self.last_ok = 0.0
         self.last_error: str | None = "not probed yet"
+        # What the last probe found, None before the first: the first answer is logged
+        # either way (an operator starting the service wants to know), then every change.
+        self.reachable: bool | None = None
 
     @property
     def ready(self) -> bool:
@@ -45,13 +48,15 @@ class UpstreamProbe:
                 response = await client.request("HEAD", b"/", [(b"x-metadata-proxy-host", b"readiness-probe")])
                 await response.aclose()
         except (upstream.UpstreamError, TimeoutError) as exc:
-            if self.last_error is None:
-                log.warning("control plane unreachable: %s", exc)
             self.last_error = str(exc) or type(exc).__name__
+            if self.reachable is not False:
+                log.warning("control plane %s unreachable: %s", self.app.config.control_plane.url, self.last_error)
+            self.reachable = False
             self.app.metrics.upstream_ready.set(0)
             return
-        if self.last_error is not None:
-            log.info("control plane reachable")
+        if self.reachable is not True:
+            log.info("control plane %s reachable", self.app.config.control_plane.url)
+        self.reachable = True
         self.last_ok = time.monotonic()
         self.last_error = None
         self.app.metrics.upstream_ready.set(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -18,8 +19,10 @@ from collections.abc import Sequence
 import uvloop
 
 from . import systemd
+from .cli_errors import report_unexpected
 from .config import DEFAULT_PATH, Config, ConfigError, ControlPlane, ListenAddress, check_input_files, load_config
 from .logs import AccessLog, setup_logging
+from .version import version
 
 # Not imported here: .server (and, through it, prometheus_client). cmd_serve first decides
 # where metric values live; see `_metrics_storage`.
@@ -27,6 +30,7 @@ from .logs import AccessLog, setup_logging
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+SERVICE_USER = "metadata-proxy"  # the unit's User=, made by the package's sysusers.d file
 
 
 def _fail(message: str) -> int:
@@ -36,10 +40,24 @@ def _fail(message: str) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    check_input_files(config)
+    # The files are read by the service's user, not by whoever runs this (root, usually).
+    user = args.user if args.user is not None else _existing_user(SERVICE_USER)
+    check_input_files(config, user=user)
     routes = ", ".join(f"{route.prefix} ({route.guard})" for route in config.routes)
-    print(f"{args.config}: ok: host_id {config.host_id}, {len(config.listen)} listen address(es), routes {routes}")
+    readable = f", files readable by {user}" if user is not None else ""
+    print(
+        f"{args.config}: ok: host_id {config.host_id}, {len(config.listen)} listen address(es), routes {routes}"
+        f"{readable}"
+    )
     return EXIT_OK
+
+
+def _existing_user(name: str) -> str | None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return name
 
 
 def _metrics_storage(workers: int) -> str | None:
@@ -62,10 +80,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_input_files(config)
     setup_logging()
     metrics_dir = _metrics_storage(config.workers)
+    admin: socket.socket | None = None
     try:
         from . import server, workers  # only now: see _metrics_storage
 
         guest, admin = server.open_sockets(config, os.environ)
+        admin_path = server.unix_path(admin)
         notifier = systemd.Notifier.from_environ(os.environ)
         if metrics_dir is not None:
             supervisor = workers.Supervisor(
@@ -83,6 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.run(proxy.run())
         return EXIT_OK
     finally:
+        if admin is not None:  # after a stop, and after a start that failed once it was bound
+            admin.close()
+            server.remove_socket_file(admin_path)
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -205,6 +228,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metadata-proxy", allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"metadata-proxy {version()}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, text in (
         ("serve", cmd_serve, "serve guests and the admin endpoint"),
@@ -213,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, allow_abbrev=False, help=text)
         sub.add_argument("--config", default=DEFAULT_PATH, metavar="FILE", help=f"default {DEFAULT_PATH}")
         sub.set_defaults(func=func)
+        if name == "check-config":
+            sub.add_argument(
+                "--user",
+                metavar="USER",
+                help=f"check that USER can read the files (default {SERVICE_USER}, when that user exists)",
+            )
     demo = commands.add_parser("demo", help="the reference control plane and the proxy on loopback")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -231,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK
+    except Exception as exc:  # a bug: one line, and the traceback kept (serve's stderr is the journal)
+        return report_unexpected("metadata-proxy", exc, debug=args.debug or args.command == "serve")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ before prometheus_client is first imported: see cli.cmd_serve), and `render` sum
 from __future__ import annotations
 
 import asyncio
+import platform
 import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -20,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .registry import VM
+from .version import version
 
 EXPIRING_SOON_SECONDS = 3600
 
@@ -38,7 +40,8 @@ class _RegistryCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         vms = list(self._vms())
         now = time.time()
-        soon = sum(1 for vm in vms if vm.token_exp is not None and vm.token_exp - now < EXPIRING_SOON_SECONDS)
+        # Soon, not already: an expired token is counted once, under tokens_expired.
+        soon = sum(1 for vm in vms if vm.token_exp is not None and now < vm.token_exp < now + EXPIRING_SOON_SECONDS)
         expired = sum(1 for vm in vms if vm.token_exp is not None and vm.token_exp <= now)
         yield GaugeMetricFamily("metadata_proxy_registry_vms", "VMs in the registry snapshot", value=len(vms))
         yield GaugeMetricFamily(
@@ -52,6 +55,18 @@ class _RegistryCollector(Collector):
         yield GaugeMetricFamily("metadata_proxy_tokens_expired", "VM tokens already expired", value=expired)
 
 
+class _BuildInfo(Collector):
+    """metadata_proxy_build_info: 1, labelled with the running version (the Prometheus
+    convention for telling which build answers). Computed at scrape time: no per-process file."""
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "metadata_proxy_build_info", "The running build: 1, labelled with its version", labels=["version", "python"]
+        )
+        info.add_metric([version(), platform.python_version()], 1)
+        yield info
+
+
 class Metrics:
     """The proxy's metrics. What every guest request updates goes through `count`,
     `observe_upstream` and `in_flight_now`, batched: prometheus-client takes a lock and makes
@@ -62,7 +77,10 @@ class Metrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         """`multiprocess_dir`: the PROMETHEUS_MULTIPROC_DIR of a service with several workers."""
         self.multiprocess_dir = multiprocess_dir
-        self._scrape_time: list[Collector] = []
+        # False (config `per_vm_metrics`): requests are counted without the VM's name, so the
+        # series no longer grow with the number of VMs (README, "Health and metrics").
+        self.per_vm_labels = True
+        self._scrape_time: list[Collector] = [_BuildInfo()]
         self._children: dict[tuple[object, ...], Counter | Gauge | Histogram] = {}
         self._counts: dict[tuple[Counter, *tuple[str, ...]], int] = {}  # (counter, *labels) -> increments
         self._upstream_seconds: list[float] = []  # observations to apply
@@ -72,6 +90,7 @@ class Metrics:
         self.in_flight_now: Callable[[], int] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(self._scrape_time[0])
         self.requests = Counter(
             "metadata_proxy_requests", "Guest requests answered", ["vm", "route", "status"], registry=r
         )
@@ -103,8 +122,14 @@ class Metrics:
             multiprocess_mode="livemax",  # only the worker serving the admin endpoint probes
         )
 
+    def configure(self, *, per_vm_labels: bool) -> None:
+        """Settings from the config, applied from start-up (a change needs a restart)."""
+        self.per_vm_labels = per_vm_labels
+
     def count(self, counter: Counter, *values: str) -> None:
         """`counter.labels(*values).inc()`, within APPLY_DELAY."""
+        if counter is self.requests and not self.per_vm_labels:
+            values = ("", *values[1:])  # an empty label is no label to Prometheus: one series for all VMs
         key: tuple[Counter, *tuple[str, ...]] = (counter, *values)
         self._counts[key] = self._counts.get(key, 0) + 1
         if not self._apply_scheduled:

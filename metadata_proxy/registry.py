@@ -1,30 +1,12 @@
-"""The VM registry: one SQLite file that `hostagent` writes and the proxy only reads.
+"""The proxy's side of the VM registry: a read-only, change-aware snapshot of the file
+that `hostagent` writes. The file itself (schema, the one schema check, the change feed)
+is `registry_file`, which both sides import; the names the app uses are re-exported here.
 
-Both sides import this module, so the schema and the read helpers exist once.
-
-Schema (``PRAGMA user_version`` = SCHEMA_VERSION)::
-
-    meta(one = 1 PK, id, seq, pruned)           a single row: the file's history
-    vms(name PK, vm_id, token, token_exp NULL, netns NULL, updated_at, seq)
-    addresses(address PK, name -> vms.name ON DELETE CASCADE)
-    removed(name PK, seq)                       tombstones of removed VMs
-
-Addresses are stored in canonical text form (``ipaddress`` compressed), so the proxy's
-lookup is a dict hit on the peer address string that uvicorn hands it.
-
-Every write transaction bumps ``meta.seq`` once and stamps each VM row it writes (added or
-replaced, addresses included: they go with their row) and each tombstone with it, so a
-reader that has seen sequence S finds everything since in ``vms`` and ``removed`` rows with
-``seq > S``. The writer prunes old tombstones and raises ``meta.pruned``: a reader older
-than that re-reads everything. ``meta.id`` is drawn when the file is made; another id is
-another history. Version 1 had no meta, seq or tombstones: the proxy still reads it (in
-full, every time), and `hostagent` upgrades it inside its next write transaction.
-
-The proxy side is `Registry`: an in-memory snapshot that re-checks the file on every
-request (a ``stat`` and a read of the 100-byte SQLite header on a file kept open, a couple
-of microseconds) and, when it changed, reads only what changed since its sequence. That
-makes a `hostagent` change effective for the very next request in every worker, and a
-damaged file noticed at once, at a cost that follows the change, not the registry's size:
+`Registry.refresh` re-checks the file (a ``stat`` and a read of the 100-byte SQLite header
+on a file kept open, a couple of microseconds) and, when it changed, reads only what
+changed since its sequence (`registry_file.read_since`), at a cost that follows the
+change, not the registry's size. When the app asks it to, and how that keeps a
+`hostagent` change in effect for the next request, is the app's business (`ProxyApp.lookup`).
 
     RegistryError
     └── RegistryUnavailable   the file exists but cannot be read or is not a registry
@@ -33,185 +15,30 @@ damaged file noticed at once, at a cost that follows the change, not the registr
 from __future__ import annotations
 
 import collections
-import ipaddress
 import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import quote
 
-SCHEMA_VERSION = 2
-
-# Version 1, then what version 2 adds to it: a new file runs both, an old one the second.
-# Single statements, not a script: sqlite3's executescript would commit the caller's transaction.
-_SCHEMA_V1 = (
-    """CREATE TABLE vms (
-        name       TEXT PRIMARY KEY,
-        vm_id      TEXT NOT NULL,
-        token      TEXT NOT NULL,
-        token_exp  INTEGER,
-        netns      TEXT,
-        updated_at INTEGER NOT NULL
-    )""",
-    """CREATE TABLE addresses (
-        address TEXT PRIMARY KEY,
-        name    TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE
-    )""",
-    "CREATE INDEX addresses_by_name ON addresses(name)",
+from .registry_file import (
+    SCHEMA_VERSION,
+    VM,
+    RegistryError,
+    RegistryUnavailable,
+    canonical_address,
+    check_schema,
+    connect_readonly,
+    count_written_since,
+    follows,
+    index_by_address,
+    read_head,
+    read_since,
+    read_vms,
 )
-_SCHEMA_V2 = (
-    "ALTER TABLE vms ADD COLUMN seq INTEGER NOT NULL DEFAULT 0",
-    "CREATE INDEX vms_by_seq ON vms(seq)",
-    "CREATE TABLE removed (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
-    "CREATE INDEX removed_by_seq ON removed(seq)",
-    """CREATE TABLE meta (
-        one    INTEGER PRIMARY KEY CHECK (one = 1),
-        id     TEXT NOT NULL,
-        seq    INTEGER NOT NULL,
-        pruned INTEGER NOT NULL
-    )""",
-)
-TABLES = {1: frozenset({"vms", "addresses"}), 2: frozenset({"vms", "addresses", "removed", "meta"})}
 
-
-class RegistryError(Exception):
-    """Base of the registry's errors."""
-
-
-class RegistryUnavailable(RegistryError):
-    """The registry file exists but cannot be read, or is not a registry of ours."""
-
-
-@dataclass(frozen=True, slots=True)
-class VM:
-    """One registered VM as both sides see it."""
-
-    name: str
-    vm_id: str
-    token: str
-    token_exp: int | None
-    netns: str | None
-    addresses: tuple[str, ...]
-
-
-def canonical_address(text: str) -> str:
-    """The registry's form of an address; IPv4-mapped IPv6 becomes plain IPv4.
-
-    Raises ValueError for anything that is not a single IP address.
-    """
-    addr = ipaddress.ip_address(text.strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
-
-
-def connect_readonly(path: str) -> sqlite3.Connection:
-    """Open the registry read-only: the proxy runs without write access to it.
-
-    Autocommit (isolation_level None): a reader that needs several statements to agree
-    says ``BEGIN`` itself.
-    """
-    uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # quoted: '?', '#', '%' are legal in paths
-    # timeout 0: never block the event loop on a lock; Registry.refresh decides what a lock means.
-    return sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
-
-
-def connect_readwrite(path: str) -> sqlite3.Connection:
-    """Open (creating if needed) the registry for `hostagent`, schema in place.
-
-    Rollback-journal mode, not WAL: a WAL reader needs write access to the -shm file,
-    and the proxy has none. A version-1 file is opened as it is: `upgrade` brings it up
-    to date inside the first write transaction.
-    """
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None)
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA journal_mode = DELETE")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0:
-        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            conn.close()
-            raise RegistryUnavailable(f"{path}: an SQLite file, but not a registry of ours")
-        # One transaction: a reader never sees the tables without the version, or half of them.
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA_V1:
-            conn.execute(statement)
-        _upgrade_to_v2(conn)
-        conn.execute("COMMIT")
-    elif version not in TABLES:
-        conn.close()
-        raise RegistryUnavailable(f"{path}: schema version {version}, this program knows {SCHEMA_VERSION}")
-    return conn
-
-
-def upgrade(conn: sqlite3.Connection) -> None:
-    """Bring a version-1 registry up to SCHEMA_VERSION inside the caller's write transaction,
-    so that a command that fails leaves the file as it found it, version included."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] == 1:
-        _upgrade_to_v2(conn)
-
-
-def _upgrade_to_v2(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA_V2:
-        conn.execute(statement)
-    conn.execute("INSERT INTO meta(one, id, seq, pruned) VALUES (1, ?, 0, 0)", (os.urandom(8).hex(),))
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def read_vms(conn: sqlite3.Connection, names: Collection[str] | None = None) -> list[VM]:
-    """Every VM (or those of `names`) with its addresses, in name order. Raises sqlite3.Error on damage."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in TABLES:
-        raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
-    if names is None:
-        return _vms(
-            conn.execute("SELECT name, vm_id, token, token_exp, netns FROM vms ORDER BY name"),
-            conn.execute("SELECT address, name FROM addresses ORDER BY address"),
-        )
-    wanted = sorted(set(names))
-    marks = ", ".join("?" * len(wanted))
-    return _vms(
-        conn.execute(
-            f"SELECT name, vm_id, token, token_exp, netns FROM vms WHERE name IN ({marks}) ORDER BY name", wanted
-        ),
-        conn.execute(f"SELECT address, name FROM addresses WHERE name IN ({marks}) ORDER BY address", wanted),
-    )
-
-
-def _read_since(conn: sqlite3.Connection, seq: int) -> tuple[list[VM], list[str]]:
-    """The VMs written and the names removed after sequence `seq` (schema 2)."""
-    written = _vms(
-        conn.execute("SELECT name, vm_id, token, token_exp, netns FROM vms WHERE seq > ?", (seq,)),
-        # CROSS JOIN keeps the rows written after `seq` the outer loop: for ORDER BY, SQLite
-        # would rather walk every address in index order and look up each one's VM.
-        conn.execute(
-            "SELECT a.address, a.name FROM vms v CROSS JOIN addresses a ON a.name = v.name WHERE v.seq > ?"
-            " ORDER BY a.address",
-            (seq,),
-        ),
-    )
-    removed = [name for (name,) in conn.execute("SELECT name FROM removed WHERE seq > ?", (seq,))]
-    return written, removed
-
-
-def _vms(
-    rows: Iterable[tuple[str, str, str, int | None, str | None]], addresses: Iterable[tuple[str, str]]
-) -> list[VM]:
-    """VMs from their rows and (address, name) rows in address order: every read gives a
-    VM's addresses in the same order, or an unchanged VM would look changed."""
-    by_name: dict[str, list[str]] = {}
-    for address, name in addresses:
-        by_name.setdefault(name, []).append(address)
-    return [
-        VM(name, vm_id, token, token_exp, netns, tuple(by_name.get(name, ())))
-        for name, vm_id, token, token_exp, netns in rows
-    ]
-
-
-def index_by_address(vms: Iterable[VM]) -> dict[str, VM]:
-    return {address: vm for vm in vms for address in vm.addresses}
-
+__all__ = ["VM", "LOCK_PATIENCE", "Registry", "RegistryError", "RegistryUnavailable", "canonical_address"]
 
 # What the file looks like from outside: device and inode (a file replaced by rename), size,
 # mtime and ctime, and the SQLite header (its change counter moves on every commit, and
@@ -375,7 +202,7 @@ class Registry:
         """One read transaction: the fingerprint of exactly what it read, where it read it,
         and either every VM (a list) or what changed since the snapshot."""
         conn.execute("BEGIN")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = self._schema(conn)
         # From here until COMMIT SQLite holds a shared lock: no commit can land, so the
         # fingerprint taken now is the state this transaction reads (one taken before
         # opening could be older, and the next refresh would take the same commit for a
@@ -384,30 +211,33 @@ class Registry:
         if fingerprint is None:
             fingerprint = _STALE  # replaced or removed while being opened: re-check next time
         inode, size = (fingerprint[0], fingerprint[1]), fingerprint[2]
-        if version == 1:
+        if version != SCHEMA_VERSION:  # version 1, or no tables yet: no history to follow
             return fingerprint, _Source(inode, None, 0, size), read_vms(conn)
-        if version != SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
-        meta = conn.execute("SELECT id, seq, pruned FROM meta").fetchone()
-        if meta is None:
-            raise sqlite3.DatabaseError("no meta row: not a registry of ours")
-        file_id, seq, pruned = meta
-        old, new = self._source, _Source(inode, file_id, seq, size)
+        try:
+            head = read_head(conn)
+        except RegistryUnavailable as exc:
+            raise RegistryUnavailable(f"{self.path}: {exc}") from None
+        old, new = self._source, _Source(inode, head.id, head.seq, size)
         if (
             old is not None
-            and old.id is not None
-            and (old.inode, old.id) == (new.inode, new.id)
-            and pruned <= old.seq < seq  # the same sequence: a change that is not hostagent's
-            and old.size <= new.size  # and SQLite never shrinks the file without VACUUM
+            and old.inode == new.inode
+            and follows(head, old.id, old.seq)
+            and old.size <= new.size  # SQLite never shrinks the file without VACUUM
             and not self._mostly_rewritten(conn, old.seq)
         ):
-            return fingerprint, new, _read_since(conn, old.seq)
+            return fingerprint, new, read_since(conn, old.seq)
         return fingerprint, new, read_vms(conn)
+
+    def _schema(self, conn: sqlite3.Connection) -> int:
+        try:
+            return check_schema(conn)
+        except RegistryUnavailable as exc:
+            raise RegistryUnavailable(f"{self.path}: {exc}") from None
 
     def _mostly_rewritten(self, conn: sqlite3.Connection, seq: int) -> bool:
         """Whether so many VMs were written after `seq` (a `vm sync` that rewrote most of
         them) that a full read costs less; counting index entries costs what changed."""
-        written: int = conn.execute("SELECT count(*) FROM vms WHERE seq > ?", (seq,)).fetchone()[0]
+        written = count_written_since(conn, seq)
         return written > REWRITTEN_COUNT and written > REWRITTEN_SHARE * len(self._by_name)
 
     # -- applying -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -33,6 +34,7 @@ from .metrics import Metrics
 from .protocol import GuestProtocol
 from .registry import VM, Registry
 from .sessions import SessionTokens
+from .version import version
 
 log = logging.getLogger("metadata_proxy")
 
@@ -88,6 +90,22 @@ def bind_admin(address: str) -> socket.socket:
     return sock
 
 
+def unix_path(sock: socket.socket) -> str | None:
+    """The file of a unix socket (read while it is open: uvicorn closes it on shutdown)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    path = sock.getsockname()
+    return path if isinstance(path, str) and path else None
+
+
+def remove_socket_file(path: str | None) -> None:
+    """Remove the admin socket's file, on stop and after a start that failed once it was
+    bound: a stale file looks like a service to scrape."""
+    with contextlib.suppress(OSError):  # already gone
+        if path is not None and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
 def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
     """A passed socket's address, so the Host check accepts it too."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -117,8 +135,9 @@ def _uvicorn_config(
 def keep_fixed(running: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with the running values of the keys only a restart changes (the sockets are
     open, the workers forked), and the names of those that differed."""
-    fixed = [key for key in ("listen", "admin_listen", "workers") if getattr(new, key) != getattr(running, key)]
-    kept = replace(new, listen=running.listen, admin_listen=running.admin_listen, workers=running.workers)
+    keys = ("listen", "admin_listen", "workers", "per_vm_metrics")
+    fixed = [key for key in keys if getattr(new, key) != getattr(running, key)]
+    kept = replace(new, **{key: getattr(running, key) for key in keys})
     return kept, fixed
 
 
@@ -151,6 +170,7 @@ class ProxyServer:
         self.config_path = config_path
         self.guest_sockets = guest_sockets
         self.admin_socket = admin_socket
+        self._admin_path = unix_path(admin_socket) if admin_socket is not None else None
         self.notifier = notifier
         self.sessions = sessions
         self.access_log = access_log
@@ -190,11 +210,12 @@ class ProxyServer:
             registry=Registry(self.config.registry),
             client=build_client(self.config.control_plane),
             sessions=self.sessions,
-            metrics=self.metrics,
+            metrics=self.metrics or Metrics(),
             access_log=self.access_log,
             extra_listen=extra,
             close_connections=self.close_connections,
         )
+        self.app.metrics.configure(per_vm_labels=self.config.per_vm_metrics)
         protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app, "open_by_peer": Counter()})
         self.guest = uvicorn.Server(_uvicorn_config(self.app, protocol))
         servers = [self.guest]
@@ -219,7 +240,7 @@ class ProxyServer:
         ticker = asyncio.create_task(self.guest.main_loop())  # uvicorn's Date header upkeep
         names = ", ".join(str(socket_listen_address(s) or s.getsockname()) for s in self.guest_sockets)
         admin = self.config.admin_listen if self.admin is not None else "another worker"
-        log.info("serving guests on %s, admin on %s, pid %d", names, admin, os.getpid())
+        log.info("serving guests on %s, admin on %s, pid %d, metadata-proxy %s", names, admin, os.getpid(), version())
         self._ready()
         if self.on_ready is not None:
             self.on_ready()
@@ -264,6 +285,8 @@ class ProxyServer:
         #    multiprocess files here, before it exits).
         self.app.access_log.flush()
         self.app.metrics.apply()
+        # 6. the admin socket's file goes: a stale one would look like a running service.
+        remove_socket_file(self._admin_path)
         log.info("stopped")
 
     def _ready(self) -> None:
@@ -351,6 +374,7 @@ class ProxyServer:
 def open_sockets(config: Config, environ: Mapping[str, str]) -> tuple[list[socket.socket], socket.socket]:
     """The guest sockets (systemd's when passed, else bound from `listen`) and the admin one."""
     guest = systemd.listen_fds(environ)
+    admin: socket.socket | None = None
     try:
         if not guest:
             guest = [bind_listen(entry) for entry in config.listen]

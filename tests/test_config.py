@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from metadata_proxy.config import ConfigError, ListenAddress, Route, load_config, parse_config
+from metadata_proxy.config import (
+    Config,
+    ConfigError,
+    ControlPlane,
+    Limits,
+    ListenAddress,
+    Route,
+    load_config,
+    max_workers,
+    parse_config,
+)
 
 BASE = {"host_id": "host-a", "control_plane": {"url": "https://cp.example"}}
 
@@ -29,7 +39,6 @@ def with_(**overrides: object) -> dict[str, object]:
 def test_defaults_are_the_spec_defaults() -> None:
     config = parse_config(BASE)
     assert config.listen == (ListenAddress("169.254.169.254", 80), ListenAddress("fd00:a9fe::254", 80))
-    assert config.metadata_addresses == ("169.254.169.254", "fd00:a9fe::254")
     assert config.registry == "/var/lib/metadata-proxy/registry.sqlite3"
     assert config.admin_listen == "/run/metadata-proxy/admin.sock"
     assert config.workers == 1
@@ -38,6 +47,7 @@ def test_defaults_are_the_spec_defaults() -> None:
     assert config.limits.max_body_bytes == 10485760
     assert (config.cache.max_entries_per_vm, config.cache.max_bytes) == (256, 67108864)
     assert config.routes == (Route("/runtime/", "header"),)
+    assert config.per_vm_metrics is True
 
 
 def test_full_config_parses() -> None:
@@ -54,6 +64,26 @@ def test_full_config_parses() -> None:
     assert [str(entry) for entry in config.listen] == ["127.0.0.1:8080", "[::1]:8080"]
     assert config.routes[1] == Route("/public/", "none")
     assert config.limits.burst == 5
+    assert config.host_aliases == ("metadata.internal",)
+
+
+def test_accepted_host_aliases_and_the_workers_bound() -> None:
+    aliases = ["metadata.google.internal", "[fd00::1]:80", "169.254.169.254:8080", "METADATA"]
+    assert parse_config(with_(host_aliases=aliases)).host_aliases == tuple(aliases)
+    assert parse_config(with_(workers=max_workers())).workers == max_workers()
+    with pytest.raises(ConfigError, match=f"workers = {max_workers() + 1}"):
+        parse_config(with_(workers=max_workers() + 1))
+    assert parse_config(with_(per_vm_metrics=False)).per_vm_metrics is False
+
+
+def test_defaults_are_defined_once_in_the_dataclasses() -> None:
+    # The loader's defaults are the dataclasses' own: a default changed in one place is
+    # changed for a config that leaves the key out.
+    config = parse_config(BASE)
+    assert config.limits == Limits()
+    assert config.control_plane == ControlPlane(url="https://cp.example")
+    defaults = Config(host_id="host-a", control_plane=ControlPlane(url="https://cp.example"), source="<config>")
+    assert config == defaults
 
 
 @pytest.mark.parametrize(
@@ -67,9 +97,23 @@ def test_full_config_parses() -> None:
         (with_(control_plane__url="ftp://x"), 'control_plane.url = "ftp://x"'),
         (with_(control_plane__timeout=0), "control_plane.timeout = 0"),
         (with_(control_plane__client_cert="/c.pem"), "control_plane.client_key is required"),
-        (with_(listen=["169.254.169.254"]), 'listen = ["169.254.169.254"]'),
-        (with_(listen=["[169.254.169.254]:80"]), "listen ="),
-        (with_(listen=["fd00::1:80"]), "listen ="),
+        (with_(listen=["169.254.169.254"]), 'listen[0] = "169.254.169.254": has no port'),
+        (with_(listen=["127.0.0.1:80", "[169.254.169.254]:80"]), 'listen[1] = "[169.254.169.254]:80": an IPv4'),
+        (with_(listen=["fd00::1:80"]), 'listen[0] = "fd00::1:80": an IPv6 address goes in brackets'),
+        (with_(listen=["metadata:80"]), "listen[0] = \"metadata:80\": 'metadata' is not an IP address"),
+        (with_(listen=["127.0.0.1:0"]), "listen[0] = \"127.0.0.1:0\": port '0' is not a number"),
+        (with_(listen=["127.0.0.1:80", "127.0.0.1:80"]), 'listen[1] = "127.0.0.1:80": is listed twice'),
+        (with_(listen=[]), "listen = []"),
+        (with_(host_aliases=["http://metadata/"]), 'host_aliases[0] = "http://metadata/": must be what a Host'),
+        (with_(host_aliases=["ok.example", "bad_name"]), 'host_aliases[1] = "bad_name"'),
+        (with_(host_aliases=["fd00::1"]), 'host_aliases[0] = "fd00::1": an IPv6 address goes in brackets'),
+        (with_(host_aliases=["meta:99999"]), "host_aliases[0] = \"meta:99999\": port '99999'"),
+        (with_(host_aliases="metadata"), 'host_aliases = "metadata": must be a list'),
+        (with_(registry="registry.sqlite3"), 'registry = "registry.sqlite3": must be an absolute path to a file'),
+        (with_(registry="/var/lib/metadata-proxy/"), "must be an absolute path to a file"),
+        (with_(registry="/tmp"), 'registry = "/tmp": is a directory'),
+        (with_(workers=10_000), "workers = 10000: more than 4 per CPU"),
+        (with_(per_vm_metrics="no"), 'per_vm_metrics = "no": must be true or false'),
         (with_(admin_listen="169.254.169.254:80"), 'admin_listen = "169.254.169.254:80"'),
         (with_(workers=0), "workers = 0"),
         (with_(host_id=""), 'host_id = ""'),
@@ -102,6 +146,16 @@ def test_load_config_reports_toml_syntax_and_missing_file(tmp_path: Path) -> Non
         load_config(str(bad))
     with pytest.raises(ConfigError, match="no such file"):
         load_config(str(tmp_path / "absent.toml"))
+
+
+def test_a_config_that_is_not_utf8_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('host_id = "hôte"\n[control_plane]\nurl = "http://127.0.0.1:9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"^{latin1}: not UTF-8 text"):
+        load_config(str(latin1))
+    result = run_cli("check-config", "--config", str(latin1))
+    assert result.returncode == 1
+    assert result.stderr == f"metadata-proxy: {latin1}: not UTF-8 text (byte 12 cannot be decoded)\n"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

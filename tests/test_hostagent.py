@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -27,7 +28,7 @@ import pytest
 from controlplane.tokens import fingerprint, mint
 from hostagent import cli, store
 from hostagent.store import Access, Conflict, Entry, InvalidEntry, RegistryDamaged, Store, make_entry, parse_sync
-from metadata_proxy.registry import Registry
+from metadata_proxy.registry import Registry, RegistryUnavailable
 
 HOSTAGENT = str(Path(sys.executable).with_name("hostagent"))
 SECRET = (None, b"s" * 32)
@@ -90,16 +91,23 @@ class Agent:
         return result
 
 
+def set_up(tmp_path: Path) -> Path:
+    """A registry path whose directory exists, as `hostagent host setup` leaves it."""
+    path = tmp_path / "state" / "registry.sqlite3"
+    Store(str(path)).ensure_directory()
+    return path
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
     """The CLI, in this process."""
-    return Agent(tmp_path / "state" / "registry.sqlite3", subprocess=False)
+    return Agent(set_up(tmp_path), subprocess=False)
 
 
 @pytest.fixture
 def process(tmp_path: Path) -> Agent:
     """The CLI as the installed script in a child process."""
-    return Agent(tmp_path / "state" / "registry.sqlite3", subprocess=True)
+    return Agent(set_up(tmp_path), subprocess=True)
 
 
 def dump(path: Path) -> tuple[str, list[str]]:
@@ -281,16 +289,29 @@ def test_changes_need_replace(agent: Agent) -> None:
     assert agent.add("other", "10.0.0.1").returncode == 0
 
 
-def test_reads_of_a_missing_registry_create_nothing(agent: Agent) -> None:
+def test_reads_of_a_missing_registry_create_nothing(tmp_path: Path) -> None:
+    agent = Agent(tmp_path / "state" / "registry.sqlite3", subprocess=False)
     assert agent.list() == []
     assert agent("vm", "remove", "ghost").stdout.strip() == "ghost: already absent"
     assert agent("reconcile").returncode == 0
     assert not agent.registry.exists() and not agent.registry.parent.exists()
 
 
+def test_a_mistyped_registry_path_creates_no_directory(tmp_path: Path) -> None:
+    # Only `host setup` makes the registry's directory: a write elsewhere is refused.
+    agent = Agent(tmp_path / "x" / "y" / "registry.sqlite3", subprocess=True)
+    missing = f"its directory {agent.registry.parent} does not exist"
+    one_line_failure(agent.add("vm", "10.0.0.1"), str(agent.registry), missing)
+    line = json.dumps({"name": "vm", "address": "10.0.0.1", "token": token()})
+    one_line_failure(agent("vm", "sync", "-", stdin=line + "\n"), missing)
+    assert not (tmp_path / "x").exists()
+
+
 def test_registry_file_modes_without_the_proxy_user(process: Agent) -> None:
     if store.proxy_access().gid is not None:
         pytest.skip("this machine has a metadata-proxy user or group")
+    process.registry.parent.rmdir()
+    Store(str(process.registry)).ensure_directory()  # as `host setup` makes it
     assert process.add("vm", "10.0.0.1").returncode == 0
     assert stat.S_IMODE(process.registry.stat().st_mode) == 0o600
     assert stat.S_IMODE(process.registry.parent.stat().st_mode) == 0o700
@@ -312,6 +333,7 @@ def test_registry_file_modes_with_the_proxy_group(tmp_path: Path) -> None:
     old = os.umask(0o022)  # a lax umask must not leak into the file, its directory or its journal
     try:
         reg = Store(str(path), Access(gid))
+        reg.ensure_directory()
         assert reg.add(make_entry("vm", ["10.0.0.1"], token())) == "added"
         st, dst = path.stat(), path.parent.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, gid)
@@ -335,7 +357,7 @@ def test_registry_file_modes_with_the_proxy_group(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "schema", "foreign", "missing-table"])
 def test_a_damaged_registry_is_reported_and_never_replaced(tmp_path: Path, damage: str) -> None:
-    agent = Agent(tmp_path / "state" / "registry.sqlite3", subprocess=damage == "garbage")
+    agent = Agent(set_up(tmp_path), subprocess=damage == "garbage")
     assert agent.add("vm", "10.0.0.1").returncode == 0
     path = agent.registry
     if damage == "garbage":
@@ -569,7 +591,7 @@ def test_each_write_is_one_sequence_number_with_tombstones(reg: Store) -> None:
 
 def test_a_version_1_registry_is_read_then_upgraded_by_the_next_write(agent: Agent) -> None:
     path = agent.registry
-    path.parent.mkdir()
+    path.parent.mkdir(exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
         "CREATE TABLE vms (name TEXT PRIMARY KEY, vm_id TEXT NOT NULL, token TEXT NOT NULL, token_exp INTEGER,"
@@ -595,3 +617,196 @@ def test_a_version_1_registry_is_read_then_upgraded_by_the_next_write(agent: Age
     finally:
         conn.close()
     assert [vm["name"] for vm in agent.list()] == ["new", "old"]
+
+
+# -- an operator's first hour (issue 12) ----------------------------------------------------
+
+
+def test_replace_changes_what_is_named_keeps_the_rest_and_prints_every_change(agent: Agent) -> None:
+    # With a namespace (its table kept or removed): test_hostnet.py, which has real ones.
+    first, second = token("id-1"), token("id-2")
+    assert agent.add("vm", "10.0.0.1", "fd00::1", tok=first).returncode == 0
+    rotated = agent("vm", "add", "vm", "--token-file", "-", "--replace", stdin=second)
+    agent.tokens.append(second)
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout == f"vm: replaced: vm_id id-1 -> id-2, token {fingerprint(first)} -> {fingerprint(second)}\n"
+    shown = agent.list()[0]
+    assert (shown["vm_id"], shown["addresses"], shown["netns"]) == ("id-2", ["10.0.0.1", "fd00::1"], None)
+
+    moved = agent("vm", "add", "vm", "--address", "10.0.0.2", "--replace")
+    assert moved.stdout == "vm: replaced: address 10.0.0.1,fd00::1 -> 10.0.0.2\n", moved.stderr
+    assert agent.list()[0]["addresses"] == ["10.0.0.2"]
+    assert agent.list()[0]["token_fingerprint"] == fingerprint(second)
+    assert (
+        agent("vm", "add", "vm", "--replace").stdout == "vm: unchanged (10.0.0.2, token " + fingerprint(second) + ")\n"
+    )
+
+
+def test_replace_needs_the_fields_of_a_vm_it_does_not_know_and_usage_is_checked(agent: Agent) -> None:
+    one_line_failure(agent("vm", "add", "ghost", "--address", "10.0.0.9", "--replace"), "VM ghost is not registered")
+    assert not agent.registry.exists() or agent.list() == []
+    for args in (("vm", "add", "vm", "--address", "10.0.0.1"), ("vm", "add", "vm", "--token-file", "-")):
+        result = agent(*args, stdin="")
+        assert result.returncode == 2 and "only --replace may leave them out" in result.stderr
+    result = agent("vm", "add", "vm", "--address", "10.0.0.1", "--token-file", "-", "--no-netns", stdin=token())
+    assert result.returncode == 2 and "--no-netns goes with --replace" in result.stderr
+    result = agent("vm", "add", "vm", "--netns", "a", "--no-netns", "--replace")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("169.254.169.254", "is a metadata address"),
+        ("fd00:a9fe::254", "is a metadata address"),
+        ("0.0.0.0", "is unspecified"),
+        ("::", "is unspecified"),
+        ("224.0.0.1", "is multicast"),
+        ("ff02::1", "is multicast"),
+        ("255.255.255.255", "is broadcast"),
+    ],
+)
+def test_vm_add_refuses_addresses_no_vm_can_have(agent: Agent, address: str, reason: str) -> None:
+    one_line_failure(agent.add("vm", address), f"address {address} {reason}")
+    line = json.dumps({"name": "vm", "address": address, "token": token()})
+    one_line_failure(agent("vm", "sync", "-", stdin=line + "\n"), "line 1", reason)
+    assert not agent.registry.exists()
+
+
+def test_the_metadata_addresses_come_from_the_config(process: Agent, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'host_id = "h"\nregistry = "{process.registry}"\nlisten = ["10.9.9.9:80"]\n'
+        '[control_plane]\nurl = "https://cp.example"\n'
+    )
+    tok = token("cfg")
+    process.tokens.append(tok)
+    args = ["--config", str(config), "vm", "add", "vm", "--address", "10.9.9.9", "--token-file", "-"]
+    one_line_failure(process(*args, stdin=tok, registry=False), "address 10.9.9.9 is a metadata address")
+
+
+def test_a_token_registered_under_another_name_is_refused(agent: Agent) -> None:
+    shared = token("id-shared")
+    assert agent.add("first", "10.0.0.1", tok=shared).returncode == 0
+    before = dump(agent.registry)
+    one_line_failure(agent.add("second", "10.0.0.2", tok=shared), "VM second", "already registered for VM first")
+    assert dump(agent.registry) == before
+    lines = [
+        json.dumps({"name": name, "address": address, "token": shared})
+        for name, address in (("a", "10.0.0.5"), ("b", "10.0.0.6"))
+    ]
+    one_line_failure(agent("vm", "sync", "-", stdin="\n".join(lines)), "line 2", "its token is already on line 1")
+
+
+def test_vm_sync_refuses_empty_input_unless_allowed(agent: Agent) -> None:
+    assert agent.add("vm", "10.0.0.1").returncode == 0
+    before = dump(agent.registry)
+    for empty in ("", "\n\n"):
+        one_line_failure(agent("vm", "sync", "-", stdin=empty), "no VM in it", "--allow-empty")
+    assert dump(agent.registry) == before
+    dry = agent("vm", "sync", "--dry-run", "--allow-empty", "-", stdin="")
+    assert (
+        dry.stdout
+        == "would remove vm\nsync (dry run, nothing changed): 0 to add, 0 to replace, 1 to remove, 0 unchanged\n"
+    )
+    assert dump(agent.registry) == before
+    emptied = agent("vm", "sync", "--allow-empty", "-", stdin="")
+    assert emptied.stdout.strip() == "sync: 0 added, 0 replaced, 1 removed, 0 unchanged"
+    assert agent.list() == []
+
+
+def test_vm_sync_dry_run_prints_the_plan_and_changes_nothing(agent: Agent, tmp_path: Path) -> None:
+    keep, rotate_old, rotate_new = token("id-keep"), token("id-rotate"), token("id-rotate-2")
+    assert agent.add("keep", "10.0.0.1", tok=keep).returncode == 0
+    assert agent.add("rotate", "10.0.0.2", tok=rotate_old).returncode == 0
+    assert agent.add("drop", "10.0.0.3").returncode == 0
+    agent.tokens.append(rotate_new)
+    lines = [
+        {"name": "keep", "address": "10.0.0.1", "token": keep},
+        {"name": "rotate", "address": ["10.0.0.2", "fd00::2"], "token": rotate_new},
+        {"name": "new", "address": "10.0.0.4", "token": token("id-new")},
+    ]
+    agent.tokens.append(lines[2]["token"])  # type: ignore[arg-type]
+    text = "\n".join(json.dumps(line) for line in lines)
+    before = dump(agent.registry)
+    dry = agent("vm", "sync", "--dry-run", "-", stdin=text)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        "would add new",
+        "would replace rotate (vm_id, address, token)",
+        "would remove drop",
+        "sync (dry run, nothing changed): 1 to add, 1 to replace, 1 to remove, 1 unchanged",
+    ]
+    assert dump(agent.registry) == before
+    # The dry run of a registry that does not exist yet creates nothing either.
+    fresh = Agent(set_up(tmp_path / "fresh"), subprocess=False)
+    fresh.tokens = agent.tokens
+    assert fresh("vm", "sync", "--dry-run", "-", stdin=text).returncode == 0
+    assert not fresh.registry.exists()
+    real = agent("vm", "sync", "-", stdin=text)
+    assert real.stdout.strip() == "sync: 1 added, 1 replaced, 1 removed, 1 unchanged"
+
+
+@contextlib.contextmanager
+def as_user(uid: int, gid: int) -> Iterator[None]:
+    """This process's effective user and groups changed for a moment (root can change back)."""
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
+@pytest.mark.root
+def test_a_user_who_cannot_read_the_registry_is_told_so_never_shown_an_empty_table(agent: Agent) -> None:
+    assert agent.add("vm", "10.0.0.1").returncode == 0
+    nobody = (65534, 65534)
+    registry = agent.registry
+    for directory_mode, file_mode in ((0o700, 0o644), (0o755, 0o600)):
+        registry.parent.chmod(directory_mode)
+        registry.chmod(file_mode)
+        for args in (("vm", "list"), ("vm", "list", "--json"), ("vm", "show", "vm"), ("reconcile",)):
+            with as_user(*nobody):
+                result = agent(*args)
+            one_line_failure(result, f"registry {registry}: Permission denied (as user nobody)")
+            assert result.stdout == ""
+
+
+def test_a_config_that_is_not_utf8_is_one_line_naming_the_file(process: Agent, tmp_path: Path) -> None:
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('host_id = "hôte"\n'.encode("latin-1"))
+    result = process("--config", str(config), "vm", "list", registry=False)
+    assert result.returncode == 1
+    assert result.stderr == f"hostagent: {config}: not UTF-8 text (byte 12 cannot be decoded)\n"
+
+
+def test_one_schema_check_both_sides_agree_on(tmp_path: Path) -> None:
+    # A version-0 file holding only tables with our names: no hostagent made it (it sets the
+    # version in the transaction that makes the tables), so it is nobody's registry, and
+    # every command and the proxy say so in the same words.
+    agent = Agent(set_up(tmp_path), subprocess=False)
+    conn = sqlite3.connect(agent.registry)
+    conn.execute("CREATE TABLE vms (name TEXT)")
+    conn.execute("CREATE TABLE addresses (address TEXT)")
+    conn.commit()
+    conn.close()
+    reason = "not a registry of ours (schema version 0 with tables addresses, vms)"
+    before = dump(agent.registry)
+    one_line_failure(agent("vm", "list"), f"registry {agent.registry}: {reason}")
+    one_line_failure(agent.add("vm", "10.0.0.1"), f"registry {agent.registry}: {reason}")
+    assert dump(agent.registry) == before
+    registry = Registry(str(agent.registry))
+    with pytest.raises(RegistryUnavailable, match=re.escape(f"{agent.registry}: {reason}")):
+        registry.lookup("10.0.0.1")
+    registry.close()
+    # An empty database (no table yet) is an empty registry to both, and the next write makes it one.
+    agent.registry.unlink()
+    sqlite3.connect(agent.registry).close()
+    assert agent.list() == []
+    assert Registry(str(agent.registry)).lookup("10.0.0.1") is None
+    assert agent.add("vm", "10.0.0.1").returncode == 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.tokens import mint
+from controlplane.tokens import fingerprint, mint
 
 pytestmark = pytest.mark.root
 
@@ -488,3 +488,26 @@ def test_replace_into_another_namespace_leaves_no_table_behind(
     assert proc.returncode == 0, proc.stderr
     assert tables(old.vmns) == [] and tables(new.vmns) == [("inet", "metadata_proxy")]
     assert new.fetch() == new.addr4
+
+
+def test_replace_keeps_what_it_does_not_name_and_no_netns_leaves_the_namespace(
+    host: Host, topo: Topology, agent: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    vm = topo.vm()
+    first = add(agent, "vm", vm)
+    rotated = mint("id-vm-2", SECRET, lifetime=3600)
+    proc = agent("vm", "add", "vm", "--token-file", "-", "--replace", stdin=rotated)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        proc.stdout == f"vm: replaced: vm_id id-vm -> id-vm-2, token {fingerprint(first)} -> {fingerprint(rotated)}\n"
+    )
+    shown = json.loads(agent("vm", "show", "vm", "--json").stdout)
+    # Neither the addresses nor the namespace were named: both stay, and so does the table.
+    assert (shown["addresses"], shown["netns"]) == ([vm.addr4, vm.addr6], vm.vmns)
+    assert tables(vm.vmns) == [("inet", "metadata_proxy")] and vm.fetch() == vm.addr4
+
+    proc = agent("vm", "add", "vm", "--no-netns", "--replace")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"vm: replaced: netns {vm.vmns} -> -\n"
+    assert json.loads(agent("vm", "show", "vm", "--json").stdout)["netns"] is None
+    assert tables(vm.vmns) == []  # the VM left the namespace: its table went with it

@@ -376,7 +376,7 @@ def test_damaged_registry_fails_closed_then_recovers_when_rebuilt(tmp_path: Path
                 input=token_for(cp, "vm-db"),
                 check=False,
             ),
-            proxy.hostagent("vm", "sync", "-", input="", check=False),
+            proxy.hostagent("vm", "sync", "--allow-empty", "-", input="", check=False),
         ]
         untouched = registry.read_bytes() == damaged and registry.stat().st_mtime_ns == stamp
 

@@ -533,7 +533,7 @@ CP_TABLE = '[control_plane]\nurl = "http://127.0.0.1:1"\n'
     [
         ('host_id = "h"\nworkers = 0\n' + CP_TABLE, "workers = 0"),
         ('host_id = "h"\n' + CP_TABLE + "[limits]\nburst = -1\n", "limits.burst = -1"),
-        ('host_id = "h"\nlisten = ["169.254.169.254"]\n' + CP_TABLE, 'listen = ["169.254.169.254"]'),
+        ('host_id = "h"\nlisten = ["169.254.169.254"]\n' + CP_TABLE, 'listen[0] = "169.254.169.254": has no port'),
         ('host_id = "h"\nadmin_listen = "10.0.0.1:9169"\n' + CP_TABLE, 'admin_listen = "10.0.0.1:9169"'),
         ('host_id = "h"\nsurprise = 1\n' + CP_TABLE, "surprise"),
         ('host_id = "h"\n[control_plane]\nurl = "ftp://cp"\n', 'control_plane.url = "ftp://cp"'),
