@@ -118,8 +118,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cp: ControlPlane) -> Iterato
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory, cp: ControlPlane) -> Iterator[Fleet]:
-    """A proxy whose token bucket empties after a few requests."""
-    limits = "[limits]\nrequests_per_second = 4\nburst = 6\n"
+    """A proxy whose token bucket empties after a few requests and refills slowly: a token
+    every 2 s, so that a request within that long of the bucket's last token is refused
+    however loaded the machine."""
+    limits = "[limits]\nrequests_per_second = 0.5\nburst = 6\n"
     proxy = Proxy(tmp_path_factory.mktemp("tight"), cp.url, limits).start()
     with running(proxy):
         yield Fleet(proxy, cp, ["burst", "calm"], 100)
@@ -699,27 +701,27 @@ def test_burst_then_rate_limited_while_another_vm_is_served(tight: Fleet, cp: Co
                 statuses[conn.send(request(tight, "/metadata/v1/instance")).answer().status] += 1
 
     thread = threading.Thread(target=hammer)
+    started = time.monotonic()
     thread.start()
     try:
         while statuses[429] < 20:
             time.sleep(0.01)
         for _ in range(3):  # the other VM's bucket is its own
-            started = time.monotonic()
             answer = exchange(tight, calm.address, request(tight))
             assert answer.status == 200 and answer.json()["vm_id"] == calm.vm_id
-            assert time.monotonic() - started < 0.5
     finally:
         stop.set()
         thread.join()
-    assert 6 <= statuses[200] <= 6 + 4 * 10  # the burst, then about 4 per second
+    hammered = time.monotonic() - started
+    assert 6 <= statuses[200] <= 6 + 0.5 * hammered + 1  # the burst, then one every 2 s
 
-    def limited() -> Answer:  # within 0.25 s of the hammer's last request: no token yet
+    def limited() -> Answer:  # within 2 s of the bucket's last token: no token yet
         answer = exchange(tight, noisy.address, request(tight))
         assert (answer.status, answer.code) == (429, "rate_limited"), answer
         return answer
 
-    assert quietly(cp, limited).header("retry-after") == "1"
-    time.sleep(0.3)  # a token refills in 0.25 s
+    assert quietly(cp, limited).header("retry-after") in ("1", "2")  # whole seconds to the next token
+    time.sleep(2.1)  # a token refills in 2 s
     assert exchange(tight, noisy.address, request(tight)).status == 200
 
 
@@ -727,8 +729,8 @@ def test_max_concurrent_while_another_vm_is_served(fleet: Fleet, cp: ControlPlan
     busy, calm = fleet.take(), fleet.take()
     results: list[int] = []
 
-    def slow() -> None:
-        results.append(exchange(fleet, busy.address, request(fleet, "/runtime/slow?seconds=1")).status)
+    def slow() -> None:  # holds its slot for 3 s
+        results.append(exchange(fleet, busy.address, request(fleet, "/runtime/slow?seconds=3")).status)
 
     threads = [threading.Thread(target=slow) for _ in range(MAX_CONCURRENT)]
     for thread in threads:
@@ -744,9 +746,8 @@ def test_max_concurrent_while_another_vm_is_served(fleet: Fleet, cp: ControlPlan
             return answer
 
         assert quietly(cp, limited).header("retry-after") == "1"
-        started = time.monotonic()
         serves(fleet, calm)
-        assert time.monotonic() - started < 0.5
+        assert results == []  # served while the slow requests still held every slot of the other VM
     finally:
         for thread in threads:
             thread.join()
@@ -773,9 +774,7 @@ def test_slowloris_does_not_starve_other_vms(fleet: Fleet, cp: ControlPlane) -> 
         for i in range(10, 30):
             for conn in held:
                 conn.send(partial[i : i + 1])
-            started = time.monotonic()
-            serves(fleet, calm)
-            assert time.monotonic() - started < 0.5
+            serves(fleet, calm)  # within the guest's 5 s socket timeout, a head deadline's length
     finally:
         for conn in held:
             conn.close()
@@ -823,8 +822,8 @@ def test_body_too_large(fleet: Fleet, cp: ControlPlane, chunked: bool, guest: st
             started = time.monotonic()
             if guest == "stalls":  # a little over the limit, then nothing: the answer must not wait
                 conn.send(piece * (MAX_BODY // 16384 + 2) if chunked else b"")
-                answer = conn.answer()
-                assert time.monotonic() - started < 1.0
+                answer = conn.answer()  # a wait for the rest would pass the guest's 5 s timeout
+                assert time.monotonic() - started < 3.0  # generous: the proxy answers in milliseconds
             elif guest == "keeps-sending":  # reads while it sends, like curl
 
                 def pump() -> None:
