@@ -749,7 +749,12 @@ async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
     async with proxy_app(cp, registry) as app:
         app.input_reported = True  # as GuestProtocol sets it: checks follow guest input
         closed: list[object] = []
-        app.close_connections = lambda gone: closed.append(gone) or 0
+
+        def close_connections(gone: object) -> int:
+            closed.append(gone)
+            return 0
+
+        app.close_connections = close_connections
         assert (vm := app.lookup(A)) is not None and vm.name == "a"
         app.unchecked_input = False  # no guest input from here on
         copy = tmp_path / "copy.sqlite3"

@@ -1033,7 +1033,7 @@ def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
 
     def connect() -> tuple[GuestProtocol, RecordingSocket]:
         transport = RecordingSocket("127.0.0.150")
-        protocol = bound(config, state, {}, _loop=loop)  # type: ignore[arg-type]
+        protocol = bound(config, state, {}, _loop=loop)
         protocol.connection_made(transport)
         return protocol, transport
 
@@ -1069,7 +1069,7 @@ def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
     assert timed_out(kept_socket)
     for protocol in (idle, slow, kept):
         protocol.connection_lost(None)
-    assert not bound.open_by_peer  # type: ignore[attr-defined]
+    assert not bound.open_by_peer
 
 
 @pytest.mark.anyio

@@ -521,7 +521,14 @@ async def test_request_body_framing() -> None:
         yield b"cd"
 
     async with serve(answer_all) as srv, client(f"http://127.0.0.1:{srv.port}") as up:
-        for body, length in [(b"bytes body", None), (b"", None), (parts(), None), (parts(), 4), (b"x" * MiB, None)]:
+        cases: list[tuple[bytes | AsyncIterator[bytes], int | None]] = [
+            (b"bytes body", None),
+            (b"", None),
+            (parts(), None),
+            (parts(), 4),
+            (b"x" * MiB, None),
+        ]
+        for body, length in cases:
             resp = await up.request("POST", b"/", [], body, content_length=length)
             await resp.read()
             await resp.aclose()
@@ -554,11 +561,12 @@ async def test_request_bodies_reach_starlette(control_plane: str) -> None:
 
     expected = hashlib.sha256(payload).hexdigest()
     async with client(control_plane) as up:
-        for body, length, framing in [
+        cases: list[tuple[bytes | AsyncIterator[bytes], int | None, tuple[str, str]]] = [
             (payload, None, ("content_length", str(len(payload)))),
             (pieces(), None, ("transfer_encoding", "chunked")),
             (pieces(), len(payload), ("content_length", str(len(payload)))),
-        ]:
+        ]
+        for body, length, framing in cases:
             headers = [(b"Content-Type", b"application/octet-stream")]
             resp = await up.request("PUT", b"/echo", headers, body, content_length=length)
             answer = json.loads(await resp.read())
@@ -916,7 +924,7 @@ def server_context(
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)
     if hellos is not None:
-        ctx.sni_callback = lambda sock, name, ctx: hellos.append(name)  # type: ignore[assignment,misc]
+        ctx.sni_callback = lambda sock, name, ctx: hellos.append(name)
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         client_ca.configure_trust(ctx)
