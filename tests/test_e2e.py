@@ -173,10 +173,8 @@ def test_remove_closes_open_keepalive_connections(proxy: Proxy, cp: ControlPlane
             answer += sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 200")
         proxy.hostagent("vm", "remove", "keepalive")
-        sock.settimeout(3)
-        started = time.monotonic()
-        assert sock.recv(65536) == b""  # closed by the proxy, not by a timeout
-        assert time.monotonic() - started < 2
+        sock.settimeout(10)  # a timeout raises: an empty read is the proxy's close
+        assert sock.recv(65536) == b""
     finally:
         sock.close()
 

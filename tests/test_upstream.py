@@ -471,7 +471,7 @@ async def test_connection_refused_raises_connect_error_within_the_budget() -> No
             started = time.monotonic()
             with pytest.raises(ConnectError, match="cannot connect"):
                 await get(up)
-            assert time.monotonic() - started < 0.2 + 1.0
+            assert time.monotonic() - started < 0.2 + 3  # generous: the request's timeout is 5 s
             assert up.connections_open == 0
 
 
@@ -857,7 +857,7 @@ async def test_slow_response_head_times_out() -> None:
         started = time.monotonic()
         with pytest.raises(UpstreamTimeout):
             await up.request("GET", b"/", [], idempotent=True)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 4.0  # generous: the retry budget is 5 s
         await eventually(lambda: up.connections_open == 0)
     assert srv.connections == 1  # never retried
 
@@ -867,10 +867,10 @@ async def test_stalled_body_times_out_between_reads() -> None:
         await peer.read_request()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
         await asyncio.sleep(0.05)
-        await peer.send(b"second")  # a gap shorter than the timeout: fine
+        await peer.send(b"second")  # a gap far shorter than the timeout: fine, even on a loaded machine
         await asyncio.sleep(10)
 
-    async with serve(stall) as srv, client(f"http://127.0.0.1:{srv.port}", timeout=0.2) as up:
+    async with serve(stall) as srv, client(f"http://127.0.0.1:{srv.port}", timeout=1.0) as up:
         resp = await up.request("GET", b"/", [])
         body = resp.iter_body()
         assert await body.__anext__() == b"first"
@@ -878,7 +878,7 @@ async def test_stalled_body_times_out_between_reads() -> None:
         started = time.monotonic()
         with pytest.raises(UpstreamTimeout):
             await body.__anext__()
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 1.0 + 3  # generous: the server stays silent for 10 s
         await resp.aclose()
         await eventually(lambda: up.connections_open == 0)
     assert srv.connections == 1
@@ -1032,7 +1032,7 @@ async def test_stalled_tls_handshake_is_a_connect_timeout_and_not_retried(ca: tr
             started = time.monotonic()
             with pytest.raises(UpstreamTimeout, match="connecting"):
                 await get(up, idempotent=True)
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 4.0  # generous: the retry budget is 5 s
             assert up.connections_open == 0
     assert srv.connections == 1
 
