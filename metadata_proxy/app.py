@@ -144,7 +144,7 @@ class Exchange:
         linger: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.code = refusal.code
-        body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+        body = guards.error_body(refusal)
         headers = [(b"content-type", b"application/json"), *refusal.headers, *extra]
         await self.respond(refusal.status, headers, body, linger)
 

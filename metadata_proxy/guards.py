@@ -7,6 +7,7 @@ to tell a good request from a bad one. Header names arrive lowercased (ASGI).
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,8 @@ LOCAL_TOKEN = b"/metadata/v1/token"
 LOCAL_ENDPOINTS = {LOCAL_INSTANCE: "GET", LOCAL_TOKEN: "PUT"}
 # Percent-decoding rounds before a path counts as deliberately obfuscated.
 _MAX_DECODES = 3
+# The longest session a guest may ask for (X-Metadata-Token-TTL-Seconds), as AWS IMDSv2.
+MAX_SESSION_TTL = 21600
 # A path with none of the bytes that the full check looks for ('%' to decode, '.' of a dot
 # segment, '\', C0 controls, DEL, anything non-ASCII) cannot fail it: nearly every real path.
 _PLAIN_PATH = re.compile(rb"/[^%.\\\x00-\x1f\x7f-\xff]*")
@@ -41,6 +44,12 @@ class Refusal:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+def error_body(refusal: Refusal) -> bytes:
+    """The JSON body of every refusal, whoever answers it (the app or the guest protocol):
+    ``{"error": {"code": ..., "message": ...}}``."""
+    return json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+
+
 UNKNOWN_VM = Refusal(403, "unknown_vm", "This address is not registered as a VM on this host.")
 BAD_HOST = Refusal(403, "bad_host", "The Host header does not name the metadata service.")
 FORWARDED = Refusal(400, "forwarded_request", "Requests relayed through a proxy are refused.")
@@ -56,7 +65,9 @@ UNPRIVILEGED_PORT = Refusal(
 # Ports a guest process needs root (or CAP_NET_BIND_SERVICE) to bind; the host's NAT keeps
 # ports below this below it, so the proxy sees the guest's own choice.
 PRIVILEGED_PORTS = 1024
-INVALID_TTL = Refusal(400, "invalid_ttl", "X-Metadata-Token-TTL-Seconds must be an integer from 1 to 21600.")
+INVALID_TTL = Refusal(
+    400, "invalid_ttl", f"X-Metadata-Token-TTL-Seconds must be an integer from 1 to {MAX_SESSION_TTL}."
+)
 BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
 # Answered by the guest protocol (protocol.GuestProtocol) before the app sees a request.
 MALFORMED = Refusal(400, "bad_request", "The request is not valid HTTP/1.1.")
@@ -161,7 +172,12 @@ def check_path(raw_path: bytes) -> Refusal | None:
     ``%2e%2e``, ``%252e%252e`` and ``%2F`` cannot climb out of a route prefix.
     """
     if _PLAIN_PATH.fullmatch(raw_path):
-        return None  # one C-speed scan; the rounds below cost several µs a request (bench/)
+        return None  # one C-speed scan; check_path_fully costs several µs a request (bench/)
+    return check_path_fully(raw_path)
+
+
+def check_path_fully(raw_path: bytes) -> Refusal | None:
+    """check_path without its fast path, which must never disagree with this (tests/test_guards.py)."""
     current = raw_path
     for _ in range(_MAX_DECODES + 1):
         try:
@@ -224,11 +240,11 @@ def check_metadata_header(headers: Headers) -> Refusal | None:
 
 
 def parse_ttl(value: bytes | None) -> int | None:
-    """X-Metadata-Token-TTL-Seconds: a plain integer 1..21600, else None."""
+    """X-Metadata-Token-TTL-Seconds: a plain integer 1..MAX_SESSION_TTL, else None."""
     if value is None or not value.isdigit() or len(value) > 6:
         return None
     ttl = int(value)
-    return ttl if 1 <= ttl <= 21600 else None
+    return ttl if 1 <= ttl <= MAX_SESSION_TTL else None
 
 
 def declared_length(headers: Headers) -> int | None:

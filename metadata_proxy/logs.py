@@ -8,7 +8,6 @@ this package passes values, not headers.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -16,6 +15,8 @@ import sys
 import time
 from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
+
+from .batch import Batch
 
 # Request ids: 64 random bits as 16 hex digits. Drawn from os.urandom for many ids at once:
 # secrets.token_hex per request costs a getrandom() system call each (bench/). A forked
@@ -73,23 +74,18 @@ def _json_number(value: float | None) -> str:
     return "null" if value is None else repr(value)  # int or finite float: JSON as Python writes it
 
 
-# Inside an event loop, request lines wait this long at most and leave together: a write
-# per line was a system call per request, and a write per loop pass still one per request
-# when guests come one at a time (bench/, one connection).
-FLUSH_DELAY = 0.01
-
-
 class AccessLog:
     """Writes one line per request; `stream` None means the current sys.stdout.
 
-    Inside an event loop the lines go out together, FLUSH_DELAY after the first of them;
-    call flush() before the loop stops. Outside a loop each line is written at once.
+    Inside an event loop the lines go out together, batch.DELAY after the first of them
+    (`batch.Batch`); call flush() before the loop stops. Outside a loop each line is
+    written at once.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
         self._pending: list[str] = []
-        self._scheduled = False
+        self._batch = Batch(self.flush)
 
     def write(
         self,
@@ -117,18 +113,11 @@ class AccessLog:
             f'"upstream_status":{_json_number(upstream_status)},"cache":{e[cache]}}}\n'
         )
         self._pending.append(line)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_later(FLUSH_DELAY, self.flush)
+        if not self._batch.scheduled:
+            self._batch.schedule()
 
     def flush(self) -> None:
-        self._scheduled = False
+        """Write the pending lines now."""
         if self._pending:
             stream = self._stream or sys.stdout
             stream.write("".join(self._pending))

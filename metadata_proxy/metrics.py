@@ -10,7 +10,6 @@ before prometheus_client is first imported: see cli.cmd_serve), and `render` sum
 
 from __future__ import annotations
 
-import asyncio
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -20,14 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .batch import Batch
 from .registry import VM
 from .version import version
 
 EXPIRING_SOON_SECONDS = 3600
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
-# How long a request's metric updates may wait to be applied with others (see Metrics).
-APPLY_DELAY = 0.01
 
 
 class _RegistryCollector(Collector):
@@ -71,8 +69,8 @@ class Metrics:
     """The proxy's metrics. What every guest request updates goes through `count`,
     `observe_upstream` and `in_flight_now`, batched: prometheus-client takes a lock and makes
     several calls for each update, about 10% of a forwarded request's CPU when done per
-    request (bench/), so updates are applied APPLY_DELAY after the first of them, once per
-    label set, and before every scrape (`render`)."""
+    request (bench/), so updates are applied batch.DELAY after the first of them
+    (`batch.Batch`), once per label set, and before every scrape (`render`)."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         """`multiprocess_dir`: the PROMETHEUS_MULTIPROC_DIR of a service with several workers."""
@@ -84,7 +82,7 @@ class Metrics:
         self._children: dict[tuple[object, ...], Counter | Gauge | Histogram] = {}
         self._counts: dict[tuple[Counter, *tuple[str, ...]], int] = {}  # (counter, *labels) -> increments
         self._upstream_seconds: list[float] = []  # observations to apply
-        self._apply_scheduled = False
+        self._batch = Batch(self.apply)
         # Requests being handled, read when the batch is applied (the app's own count: a
         # Gauge inc and dec per request would be two more locked updates).
         self.in_flight_now: Callable[[], int] | None = None
@@ -127,32 +125,22 @@ class Metrics:
         self.per_vm_labels = per_vm_labels
 
     def count(self, counter: Counter, *values: str) -> None:
-        """`counter.labels(*values).inc()`, within APPLY_DELAY."""
+        """`counter.labels(*values).inc()`, within batch.DELAY."""
         if counter is self.requests and not self.per_vm_labels:
             values = ("", *values[1:])  # an empty label is no label to Prometheus: one series for all VMs
         key: tuple[Counter, *tuple[str, ...]] = (counter, *values)
         self._counts[key] = self._counts.get(key, 0) + 1
-        if not self._apply_scheduled:
-            self._schedule()
+        if not self._batch.scheduled:
+            self._batch.schedule()
 
     def observe_upstream(self, seconds: float) -> None:
-        """`upstream_seconds.observe(seconds)`, within APPLY_DELAY."""
+        """`upstream_seconds.observe(seconds)`, within batch.DELAY."""
         self._upstream_seconds.append(seconds)
-        if not self._apply_scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # outside a loop: at once
-            self.apply()
-            return
-        self._apply_scheduled = True
-        loop.call_later(APPLY_DELAY, self.apply)
+        if not self._batch.scheduled:
+            self._batch.schedule()
 
     def apply(self) -> None:
         """Apply the batched updates now (the app also calls this on its registry watch)."""
-        self._apply_scheduled = False
         counts, self._counts = self._counts, {}
         for (counter, *values), n in counts.items():
             (self.labelled(counter, *values) if values else counter).inc(n)

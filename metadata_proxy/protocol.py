@@ -9,7 +9,6 @@ on the connection must come from that VM, and removing it closes only its own co
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable
@@ -232,7 +231,7 @@ class GuestProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # the app, if it already runs, sees the guest gone
             cycle.message_event.set()
         if not answering and not self.transport.is_closing():  # never inside another answer
-            body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+            body = guards.error_body(refusal)
             headers = [
                 *self.server_state.default_headers,
                 (b"content-type", b"application/json"),

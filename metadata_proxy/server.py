@@ -280,9 +280,8 @@ class ProxyServer:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
                 await asyncio.gather(*(client.aclose() for client in (*self._retired, self.app.client)))
-        # 5. the last request lines and metric updates, batched (logs.FLUSH_DELAY,
-        #    metrics.APPLY_DELAY), before the loop stops (a worker's counts go to the
-        #    multiprocess files here, before it exits).
+        # 5. the last request lines and metric updates, batched (batch.Batch), before the
+        #    loop stops (a worker's counts go to the multiprocess files here, before it exits).
         self.app.access_log.flush()
         self.app.metrics.apply()
         # 6. the admin socket's file goes: a stale one would look like a running service.

@@ -17,8 +17,6 @@ import secrets
 import time
 from collections.abc import Callable
 
-MAX_TTL = 21600
-
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")

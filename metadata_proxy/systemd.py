@@ -43,14 +43,13 @@ class Notifier:
     returns True when the datagram was sent.
     """
 
-    def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
+    def __init__(self, address: str | None) -> None:
         self._address = address
-        self._watchdog_usec = watchdog_usec
         self._sock: socket.socket | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Notifier:
-        """Build a notifier from ``$NOTIFY_SOCKET``, ``$WATCHDOG_USEC`` and ``$WATCHDOG_PID``.
+        """Build a notifier from ``$NOTIFY_SOCKET``.
 
         The socket is a file-system path or, with a leading ``@``, a name in the abstract
         namespace; any other form (a relative path, ``vsock:`` of newer systemd versions)
@@ -64,20 +63,12 @@ class Notifier:
             address = "\0" + raw[1:]
         else:
             address = None
-        return cls(address, watchdog_usec=_watchdog_usec(environ))
+        return cls(address)
 
     @property
     def enabled(self) -> bool:
         """True when there is a notification socket to talk to."""
         return self._address is not None
-
-    @property
-    def watchdog_interval(self) -> float | None:
-        """The watchdog timeout systemd enforces (``WatchdogSec=``), in seconds, or None.
-
-        Call `watchdog` at least twice per interval, as sd_watchdog_enabled(3) advises.
-        """
-        return None if self._watchdog_usec is None else self._watchdog_usec / 1_000_000
 
     def notify(self, state: str) -> bool:
         """Send one raw notification, newline-separated ``KEY=VALUE`` assignments."""
@@ -108,32 +99,11 @@ class Notifier:
         """Shutdown begins (draining); systemd shows the unit as deactivating."""
         return self.notify("STOPPING=1")
 
-    def status(self, text: str) -> bool:
-        """A one-line status for ``systemctl status``; newlines would end the assignment."""
-        return self.notify("STATUS=" + " ".join(text.splitlines()))
-
-    def watchdog(self) -> bool:
-        """Keep-alive ping for ``WatchdogSec=``."""
-        return self.notify("WATCHDOG=1")
-
     def close(self) -> None:
         """Release the notification socket (a later call opens it again)."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _watchdog_usec(environ: Mapping[str, str]) -> int | None:
-    # sd_watchdog_enabled(3): WATCHDOG_PID, when set, names the one process that must ping;
-    # a child that inherited the environment must not think the watchdog is its job.
-    pid = environ.get("WATCHDOG_PID")
-    if pid is not None and pid != str(os.getpid()):
-        return None
-    try:
-        usec = int(environ.get("WATCHDOG_USEC", ""))
-    except ValueError:
-        return None
-    return usec if usec > 0 else None
 
 
 def listen_fds_with_names(environ: Mapping[str, str], *, unset: bool = True) -> list[tuple[str, socket.socket]]:
@@ -204,18 +174,3 @@ def _listen_fds(environ: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
             raise ListenFdsError(f"fd {fd} ({name}) passed by systemd is not a usable socket: {exc.strerror}") from None
         result.append((name, sock))
     return result
-
-
-def socket_address(sock: socket.socket) -> tuple[str, int] | str:
-    """The local address of ``sock``: ``(host, port)`` for IP, a path for unix sockets.
-
-    IPv6 hosts come without brackets (``"fd00:a9fe::254"``), as the Host-header check
-    compares them after stripping its own; an abstract unix name is shown as ``@name``.
-    """
-    address = sock.getsockname()
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        return (str(address[0]), int(address[1]))
-    if isinstance(address, bytes):
-        # Linux returns abstract names as bytes with a leading NUL.
-        return "@" + address[1:].decode(errors="replace") if address[:1] == b"\0" else address.decode()
-    return str(address)

@@ -35,13 +35,13 @@ def wait_for_port(port: int, process: subprocess.Popen[Any], host: str = "127.0.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"{process.args} did not listen on {port} within {timeout} s")
+    raise RuntimeError(f"{process.args!r} did not listen on {port} within {timeout} s")
 
 
 def stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 25) -> int:

@@ -502,14 +502,13 @@ async def test_burst_then_429_and_other_vms_unaffected(cp: ControlPlane, registr
 async def test_max_concurrent_and_other_vms_unaffected(cp: ControlPlane, registry: Path) -> None:
     async with proxy_app(cp, registry, max_concurrent=2) as app, guest(app, A) as a, guest(app, B) as b:
         before = seen(cp)
-        slow = [asyncio.create_task(a.get("/runtime/slow?seconds=0.6", headers=META)) for _ in range(2)]
+        slow = [asyncio.create_task(a.get("/runtime/slow?seconds=2", headers=META)) for _ in range(2)]
         while seen(cp) < before + 2:  # both reached the control plane
             await asyncio.sleep(0.01)
         response = await refused(cp, lambda: a.get("/runtime/whoami", headers=META), 429, "rate_limited")
         assert response.headers["retry-after"] == "1"
-        started = time.monotonic()
         assert (await b.get("/runtime/whoami", headers=META)).status_code == 200
-        assert time.monotonic() - started < 0.3
+        assert not any(task.done() for task in slow)  # served while A's requests held both its slots
         assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
         assert (await a.get("/runtime/whoami", headers=META)).status_code == 200  # slots released
 
@@ -567,12 +566,11 @@ async def test_413_answers_first_then_lingers_a_bounded_time(
         raise AssertionError("unreachable")
 
     before = seen(cp)
-    started = time.monotonic()
-    exchange = await asgi(app, A, "POST", b"/runtime/echo", declared, stalled)
+    exchange = await asyncio.wait_for(asgi(app, A, "POST", b"/runtime/echo", declared, stalled), 10)
     assert (exchange.status, exchange.code) == (413, "body_too_large")
-    assert exchange.times[1] - started < 0.1  # the whole answer at once...
-    assert exchange.messages[1]["more_body"] is True
-    assert 0.3 <= exchange.times[2] - started < 0.6  # ...the end (and the close) after the linger
+    assert exchange.messages[1]["more_body"] is True  # the whole answer first...
+    assert json.loads(exchange.messages[1]["body"])["error"]["code"] == "body_too_large"
+    assert exchange.times[2] - exchange.times[1] >= 0.3  # ...the end (and the close) after the linger
     assert exchange.headers[b"connection"] == b"close"
 
     async def endless() -> dict[str, Any]:  # a guest that never stops sending
@@ -751,7 +749,12 @@ async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
     async with proxy_app(cp, registry) as app:
         app.input_reported = True  # as GuestProtocol sets it: checks follow guest input
         closed: list[object] = []
-        app.close_connections = lambda gone: closed.append(gone) or 0
+
+        def close_connections(gone: object) -> int:
+            closed.append(gone)
+            return 0
+
+        app.close_connections = close_connections
         assert (vm := app.lookup(A)) is not None and vm.name == "a"
         app.unchecked_input = False  # no guest input from here on
         copy = tmp_path / "copy.sqlite3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,11 +21,11 @@ from metadata_proxy.config import (
     parse_config,
 )
 
-BASE = {"host_id": "host-a", "control_plane": {"url": "https://cp.example"}}
+BASE: dict[str, Any] = {"host_id": "host-a", "control_plane": {"url": "https://cp.example"}}
 
 
 def with_(**overrides: object) -> dict[str, object]:
-    data: dict[str, object] = {**BASE, "control_plane": dict(BASE["control_plane"])}  # type: ignore[call-overload]
+    data: dict[str, object] = {**BASE, "control_plane": dict(BASE["control_plane"])}
     for key, value in overrides.items():
         section, _, name = key.partition("__")
         if name:

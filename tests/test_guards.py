@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metadata_proxy import guards
 from metadata_proxy.config import Limits, ListenAddress, Route
@@ -82,6 +84,27 @@ def test_path_accepted(path: bytes) -> None:
 )
 def test_path_refused(path: bytes) -> None:
     assert guards.check_path(path) is guards.BAD_PATH
+
+
+# Pieces a path is built from: plain ones (what the fast path lets through), and the bytes
+# and escapes each part of the full check looks for, encoded once or twice, in both cases.
+_PLAIN_PIECES = [b"/", b"a", b"runtime", b"-", b"~", b"_", b"x1", b";", b"=", b"?", b"!", b"@"]
+_ODD_PIECES = [
+    *(b".", b"..", b"%", b"%2e", b"%2E", b"%252e", b"%2f", b"%2F", b"%252f", b"%5c", b"%5C", b"\\"),
+    *(b"%00", b"%0a", b"%7f", b"%ff", b"%c3%a9", b"%C3", b"\x00", b"\x1f", b"\x7f", b"\x80", b"\xff"),
+    *("é".encode(), "．".encode(), "／".encode(), "＼".encode(), b"%25", b"%%", b"%2", b"%zz"),
+]
+_PATHS = st.lists(
+    st.one_of(st.sampled_from(_PLAIN_PIECES), st.sampled_from(_ODD_PIECES), st.binary(max_size=3)), max_size=12
+).map(lambda pieces: b"".join(pieces))
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(st.one_of(_PATHS, _PATHS.map(lambda path: b"/" + path)))
+def test_the_fast_path_check_agrees_with_the_full_check(path: bytes) -> None:
+    """A path the fast path lets through that the full check refuses would be forwarded with
+    the VM's token attached: the two must give the same answer for every path."""
+    assert guards.check_path(path) is guards.check_path_fully(path)
 
 
 def test_route_match_is_longest_prefix() -> None:

@@ -721,12 +721,13 @@ def test_vm_sync_dry_run_prints_the_plan_and_changes_nothing(agent: Agent, tmp_p
     assert agent.add("rotate", "10.0.0.2", tok=rotate_old).returncode == 0
     assert agent.add("drop", "10.0.0.3").returncode == 0
     agent.tokens.append(rotate_new)
+    new = token("id-new")
     lines = [
         {"name": "keep", "address": "10.0.0.1", "token": keep},
         {"name": "rotate", "address": ["10.0.0.2", "fd00::2"], "token": rotate_new},
-        {"name": "new", "address": "10.0.0.4", "token": token("id-new")},
+        {"name": "new", "address": "10.0.0.4", "token": new},
     ]
-    agent.tokens.append(lines[2]["token"])  # type: ignore[arg-type]
+    agent.tokens.append(new)
     text = "\n".join(json.dumps(line) for line in lines)
     before = dump(agent.registry)
     dry = agent("vm", "sync", "--dry-run", "-", stdin=text)

@@ -79,7 +79,7 @@ def _agree(follower: Registry, path: Path, store: Store) -> None:
 def incremental_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many refreshes read only what changed (a spy on the real function)."""
     calls: list[int] = []
-    real: Callable[..., object] = registry_module.read_since
+    real: Callable[..., object] = registry_module.read_since  # type: ignore[attr-defined]
 
     def counted(conn: object, seq: int) -> object:
         calls.append(seq)

@@ -174,11 +174,11 @@ def test_slow_control_plane_is_504_and_never_retried(proxy: Proxy, cp: ControlPl
     before = cp.requests_seen("/runtime/slow")
     with proxy.guest(shared_vm) as guest:
         started = time.monotonic()
-        response = guest.get("/runtime/slow", params={"seconds": 3}, headers=META)
+        response = guest.get("/runtime/slow", params={"seconds": 8}, headers=META)
         elapsed = time.monotonic() - started
     assert response.status_code == 504
     assert error_code(response) == "upstream_timeout"
-    assert 2 <= elapsed < 3  # the proxy's 2 s timeout, not the control plane's 3 s
+    assert 2 <= elapsed < 6  # the proxy's 2 s timeout, not the control plane's 8 s
     assert cp.requests_seen("/runtime/slow") == before + 1
 
 
@@ -391,7 +391,7 @@ def test_damaged_registry_fails_closed_then_recovers_when_rebuilt(tmp_path: Path
         with proxy.guest(address) as guest:
             rebuilt = cached_get(guest, max_age=60)
 
-    assert noticed < 0.5
+    assert noticed < 3  # generous: the watch looks every 0.25 s (without it: never)
     assert readyz["checks"]["registry"] == "unavailable"
     assert refused.status_code == 503 and error_code(refused) == "registry_unavailable"
     assert reached == 0

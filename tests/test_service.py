@@ -586,7 +586,11 @@ class OnlyWorker:
         for other in self.others:
             os.kill(other, signal.SIGSTOP)
         for other in self.others:
-            wait_until(lambda other=other: process_state(other) in ("T", "t"), what=f"worker {other} stopped")
+
+            def stopped(pid: int = other) -> bool:
+                return process_state(pid) in ("T", "t")
+
+            wait_until(stopped, what=f"worker {other} stopped")
 
     def __exit__(self, *exc: object) -> None:
         for other in self.others:

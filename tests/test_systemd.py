@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from metadata_proxy.systemd import ListenFdsError, Notifier, listen_fds, listen_fds_with_names, socket_address
+from metadata_proxy.systemd import ListenFdsError, Notifier, listen_fds, listen_fds_with_names
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
@@ -230,15 +230,6 @@ def test_notifier_sends_ready_reloading_stopping_in_order(notify_socket: tuple[s
     assert messages[2:] == ["READY=1", "STOPPING=1"]
 
 
-def test_notifier_status_and_watchdog(notify_socket: tuple[socket.socket, str]) -> None:
-    sock, path = notify_socket
-    with closing(Notifier.from_environ({"NOTIFY_SOCKET": path})) as notifier:
-        assert notifier.status("serving 3 VMs\nregistry ok")
-        assert notifier.watchdog()
-    assert _receive(sock)[0] == "STATUS=serving 3 VMs registry ok"
-    assert _receive(sock)[0] == "WATCHDOG=1"
-
-
 def test_notifier_abstract_namespace() -> None:
     name = f"metadata-proxy-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -256,29 +247,12 @@ def test_notifier_without_a_socket_is_a_no_op(environ: dict[str, str]) -> None:
     assert not notifier.ready()
     assert not notifier.reloading()
     assert not notifier.stopping()
-    assert not notifier.status("x")
-    assert not notifier.watchdog()
 
 
 def test_notifier_reports_an_unreachable_socket_without_raising(tmp_path: Path) -> None:
     with closing(Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})) as notifier:
         assert notifier.enabled
         assert not notifier.ready()
-
-
-@pytest.mark.parametrize(
-    ("environ", "expected"),
-    [
-        ({}, None),
-        ({"WATCHDOG_USEC": "3000000"}, 3.0),
-        ({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())}, 3.0),
-        ({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
-        ({"WATCHDOG_USEC": "0"}, None),
-        ({"WATCHDOG_USEC": "soon"}, None),
-    ],
-)
-def test_watchdog_interval(environ: dict[str, str], expected: float | None) -> None:
-    assert Notifier.from_environ(environ).watchdog_interval == expected
 
 
 # --- socket activation ----------------------------------------------------------------
@@ -288,7 +262,7 @@ def test_watchdog_interval(environ: dict[str, str], expected: float | None) -> N
 ACTIVATED_CHILD = textwrap.dedent(
     """
     import fcntl, json, os
-    from metadata_proxy.systemd import listen_fds_with_names, socket_address
+    from metadata_proxy.systemd import listen_fds_with_names
 
     pairs = listen_fds_with_names(os.environ)
     report = {
@@ -298,7 +272,7 @@ ACTIVATED_CHILD = textwrap.dedent(
                 "fd": sock.fileno(),
                 "family": sock.family.name,
                 "type": sock.type.name,
-                "address": socket_address(sock),
+                "address": sock.getsockname()[:2],
                 "cloexec": bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
             }
             for name, sock in pairs
@@ -400,7 +374,7 @@ def test_listen_fds_under_systemd_socket_activate(hosts: list[str], fdnames: str
 DUP_CHILD = textwrap.dedent(
     """
     import fcntl, json, os, socket, sys
-    from metadata_proxy.systemd import ListenFdsError, listen_fds, socket_address
+    from metadata_proxy.systemd import ListenFdsError, listen_fds
 
     mode, unix_path = sys.argv[1], sys.argv[2]
     port = None
@@ -437,7 +411,7 @@ DUP_CHILD = textwrap.dedent(
             {
                 "family": s.family.name,
                 "type": s.type.name,
-                "address": socket_address(s),
+                "address": s.getsockname() if s.family == socket.AF_UNIX else s.getsockname()[:2],
                 "inheritable": os.get_inheritable(s.fileno()),
             }
             for s in socks
@@ -518,29 +492,3 @@ def test_listen_fds_rejects_a_malformed_environment(environ: dict[str, str], mes
     with pytest.raises(ListenFdsError, match=re.escape(message)):
         listen_fds(environ)
     assert environ == {}  # unset even on failure, as sd_listen_fds does
-
-
-# --- socket_address -------------------------------------------------------------------
-
-
-def test_socket_address_ipv4() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        assert socket_address(sock) == ("127.0.0.1", sock.getsockname()[1])
-
-
-def test_socket_address_ipv6_has_no_brackets() -> None:
-    _need_ipv6_loopback()
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-        sock.bind(("::1", 0))
-        assert socket_address(sock) == ("::1", sock.getsockname()[1])
-
-
-def test_socket_address_unix(tmp_path: Path) -> None:
-    name = f"metadata-proxy-test-{uuid.uuid4().hex}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as path_sock:
-        path_sock.bind(str(tmp_path / "admin.sock"))
-        assert socket_address(path_sock) == str(tmp_path / "admin.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract_sock:
-        abstract_sock.bind("\0" + name)
-        assert socket_address(abstract_sock) == "@" + name
