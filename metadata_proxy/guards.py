@@ -196,12 +196,39 @@ def _climbs(text: str) -> bool:
 
 
 def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
-    """The configured route with the longest prefix of `raw_path`."""
+    """The configured route with the longest prefix of `raw_path`.
+
+    Two rules keep a narrower route's guards from being bypassed through a wider one
+    (``/runtime/identity/`` with ``privileged_port`` inside ``/runtime/``): a narrower
+    route's own name, its prefix without the trailing slash (``/runtime/identity``), is that
+    route's and not the wider one's; and a path that falls under one route as sent and under
+    another once percent-decoded, as the control plane will read it (``/runtime/%69dentity``),
+    is under none (404).
+    """
+    route = _longest_prefix(raw_path, routes)
+    if route is not None and b"%" in raw_path:
+        decoded = raw_path
+        for _ in range(_MAX_DECODES):
+            decoded = unquote_to_bytes(decoded)
+            if _longest_prefix(decoded, routes) is not route:
+                return None
+            if b"%" not in decoded:
+                break
+    return route
+
+
+def _longest_prefix(path: bytes, routes: Sequence[Route]) -> Route | None:
     best: Route | None = None
+    named: Route | None = None  # the route whose prefix is `path` plus "/"
     for route in routes:
-        if raw_path.startswith(route.prefix.encode()) and (best is None or len(route.prefix) > len(best.prefix)):
-            best = route
-    return best
+        prefix = route.prefix.encode()
+        if path.startswith(prefix):
+            if best is None or len(route.prefix) > len(best.prefix):
+                best = route
+        elif len(prefix) == len(path) + 1 and prefix.startswith(path):
+            named = route
+    # A bare name no route covers stays unmatched ("/runtime" is not_found).
+    return named if named is not None and best is not None else best
 
 
 # -- 5. Guards ------------------------------------------------------------------------------
