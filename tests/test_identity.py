@@ -32,7 +32,7 @@ from controlplane.tokens import Secrets, Verifier, mint
 from controlplane.vms import VmDirectory
 from metadata_proxy import guards
 from metadata_proxy.config import Route
-from tests.harness import BIN, ControlPlane, running
+from tests.harness import BIN, ControlPlane, Proxy, running
 
 SECRET = b"identity-test-secret-".ljust(48, b"x")
 ISSUER = "https://cp.example"
@@ -476,3 +476,38 @@ def test_a_path_that_decodes_into_another_route_matches_none() -> None:
         assert guards.match_route(sneaky, routes) is None, sneaky
     assert guards.match_route(b"/runtime/a%20b", routes) is routes[0]  # decodes within its own route
     assert guards.match_route(b"/runtime/identity/%41", routes) is routes[1]
+
+
+# --- through the real proxy: never cached, never shared ---------------------------------------
+
+
+def test_the_proxy_never_caches_or_shares_identity_answers(tmp_path: Path, key_dir: Path) -> None:
+    (tmp_path / "cp").mkdir()
+    cp = IdentityServer(tmp_path / "cp", [str(key_dir / "old.pem")]).start()
+    proxy = Proxy(tmp_path, cp.url).start()
+    with running(cp, proxy):
+        proxy.add_vm("cached", "127.0.0.71", cp.mint("vm-cached"))
+        params = {"audience": "https://vault.example", "nonce": "same"}
+        before = cp.requests_seen("/runtime/identity")
+        with proxy.guest("127.0.0.71") as guest:
+            answers = [guest.get("/runtime/identity", params=params, headers={"Metadata": "true"}) for _ in range(3)]
+        barrier = threading.Barrier(6)
+        concurrent: list[httpx.Response] = []
+
+        def call() -> None:
+            with proxy.guest("127.0.0.71") as guest:
+                barrier.wait()
+                concurrent.append(guest.get("/runtime/identity", params=params, headers={"Metadata": "true"}))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        reached = cp.requests_seen("/runtime/identity") - before
+        answers += concurrent
+        assert len(answers) == 9 and all(answer.status_code == 200 for answer in answers)
+        jtis = {joserfc_verify(cp, answer.text, "https://vault.example", "same")["jti"] for answer in answers}
+    assert all(answer.headers["cache-control"] == "no-store" and "age" not in answer.headers for answer in answers)
+    assert len(jtis) == 9
+    assert reached == 9  # every call, identical ones in flight together included, went to the control plane
