@@ -205,30 +205,26 @@ def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
     another once percent-decoded, as the control plane will read it (``/runtime/%69dentity``),
     is under none (404).
     """
-    route = _longest_prefix(raw_path, routes)
-    if route is not None and b"%" in raw_path:
-        decoded = raw_path
-        for _ in range(_MAX_DECODES):
-            decoded = unquote_to_bytes(decoded)
-            if _longest_prefix(decoded, routes) is not route:
-                return None
-            if b"%" not in decoded:
-                break
-    return route
-
-
-def _longest_prefix(path: bytes, routes: Sequence[Route]) -> Route | None:
     best: Route | None = None
-    named: Route | None = None  # the route whose prefix is `path` plus "/"
+    size = 0
+    named: Route | None = None  # the route whose prefix is `raw_path` plus "/"
     for route in routes:
         prefix = route.prefix.encode()
-        if path.startswith(prefix):
-            if best is None or len(route.prefix) > len(best.prefix):
-                best = route
-        elif len(prefix) == len(path) + 1 and prefix.startswith(path):
+        if raw_path.startswith(prefix):
+            if len(prefix) > size:
+                best, size = route, len(prefix)
+        elif len(prefix) == len(raw_path) + 1 and prefix.startswith(raw_path):
             named = route
-    # A bare name no route covers stays unmatched ("/runtime" is not_found).
-    return named if named is not None and best is not None else best
+    if best is None:
+        return None  # a bare name no route covers stays unmatched ("/runtime" is not_found)
+    if named is not None:
+        return named
+    if b"%" in raw_path:
+        # Each round of decoding must stay under the same route (check_path bounds the rounds).
+        decoded = unquote_to_bytes(raw_path)
+        if decoded != raw_path and match_route(decoded, routes) is not best:
+            return None
+    return best
 
 
 # -- 5. Guards ------------------------------------------------------------------------------
