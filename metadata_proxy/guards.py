@@ -212,11 +212,34 @@ def _climbs(text: str) -> bool:
 
 
 def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
-    """The configured route with the longest prefix of `raw_path`."""
+    """The configured route with the longest prefix of `raw_path`.
+
+    Two rules keep a narrower route's guards from being bypassed through a wider one
+    (``/runtime/identity/`` with ``privileged_port`` inside ``/runtime/``): a narrower
+    route's own name, its prefix without the trailing slash (``/runtime/identity``), is that
+    route's and not the wider one's; and a path that falls under one route as sent and under
+    another once percent-decoded, as the control plane will read it (``/runtime/%69dentity``),
+    is under none (404).
+    """
     best: Route | None = None
+    size = 0
+    named: Route | None = None  # the route whose prefix is `raw_path` plus "/"
     for route in routes:
-        if raw_path.startswith(route.prefix.encode()) and (best is None or len(route.prefix) > len(best.prefix)):
-            best = route
+        prefix = route.prefix.encode()
+        if raw_path.startswith(prefix):
+            if len(prefix) > size:
+                best, size = route, len(prefix)
+        elif len(prefix) == len(raw_path) + 1 and prefix.startswith(raw_path):
+            named = route
+    if best is None:
+        return None  # a bare name no route covers stays unmatched ("/runtime" is not_found)
+    if named is not None:
+        return named
+    if b"%" in raw_path:
+        # Each round of decoding must stay under the same route (check_path bounds the rounds).
+        decoded = unquote_to_bytes(raw_path)
+        if decoded != raw_path and match_route(decoded, routes) is not best:
+            return None
     return best
 
 

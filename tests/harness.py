@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trustme
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -113,6 +115,64 @@ class ControlPlane:
         params = {"path": path} if path is not None else None
         count: int = httpx.get(f"{self.url}/_test/requests", params=params, timeout=5).json()["count"]
         return count
+
+
+class TLSControlPlane(ControlPlane):
+    """`controlplane serve --tls-cert --tls-key [--client-ca]`: HTTPS with a certificate for
+    127.0.0.1 from a private CA, with `require_client_cert` also requiring client certificates
+    from it. `client_cert` is one for `host` (a DNS name; `common_name` sets a subject CN too)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        ca: trustme.CA,
+        *,
+        require_client_cert: bool,
+        host: str = "host-test",
+        common_name: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.ca_file = workdir / "ca.pem"
+        self.cert_file = workdir / "server.pem"
+        self.key_file = workdir / "server.key"
+        self.client_cert = workdir / "client.pem"
+        self.client_key = workdir / "client.key"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        server = ca.issue_cert("127.0.0.1")
+        server.cert_chain_pems[0].write_to_path(str(self.cert_file))
+        server.private_key_pem.write_to_path(str(self.key_file))
+        client = ca.issue_cert(host, common_name=common_name)
+        client.cert_chain_pems[0].write_to_path(str(self.client_cert))
+        client.private_key_pem.write_to_path(str(self.client_key))
+        self.require_client_cert = require_client_cert
+        tls = ("--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file))
+        if require_client_cert:
+            tls += ("--client-ca", str(self.ca_file))
+        super().__init__(workdir, extra=(*tls, *extra))
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def client(self, *, with_cert: bool = True, **kwargs: Any) -> httpx.Client:
+        """An HTTPS client that trusts the private CA and, `with_cert`, presents the client certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        if with_cert:
+            context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return httpx.Client(base_url=self.url, verify=context, timeout=5, **kwargs)
+
+    def requests_seen(self, path: str | None = None) -> int:
+        params = {"path": path} if path is not None else None
+        with self.client() as client:
+            count: int = client.get("/_test/requests", params=params).json()["count"]
+        return count
+
+    def toml(self, *, ca_file: bool = True, client_cert: bool = False) -> str:
+        """The proxy's [control_plane] lines for this server."""
+        lines = [f'ca_file = "{self.ca_file}"'] if ca_file else []
+        if client_cert:
+            lines += [f'client_cert = "{self.client_cert}"', f'client_key = "{self.client_key}"']
+        return "\n".join(lines)
 
 
 class Proxy:

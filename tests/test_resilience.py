@@ -13,9 +13,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +27,7 @@ import trustme
 
 from controlplane.tokens import Secrets, fingerprint, mint
 from metadata_proxy.registry import LOCK_PATIENCE
-from tests.harness import REPO, ControlPlane, Proxy, running, wait_for_port
+from tests.harness import ControlPlane, Proxy, TLSControlPlane, running
 
 META = {"Metadata": "true"}
 CACHED = "/runtime/cached"
@@ -472,74 +469,6 @@ def test_registry_locked_too_long_is_registry_unavailable(tmp_path: Path, cp: Co
 
 
 # -- TLS towards the control plane ----------------------------------------------------------
-
-# The reference app under uvicorn with TLS: `controlplane serve` itself speaks plain HTTP.
-_TLS_SERVER = """\
-import ssl, sys
-import uvicorn
-from controlplane.app import create_app
-from controlplane.tokens import Secrets, Verifier
-from tests.controlplane_server import counted, extra_routes
-port, secret_file, cert, key, client_ca = sys.argv[1:]
-uvicorn.run(
-    counted(create_app(Verifier(Secrets.from_specs([secret_file])), routes=extra_routes())),
-    host="127.0.0.1", port=int(port), lifespan="off", log_level="critical",
-    ssl_certfile=cert, ssl_keyfile=key,
-    ssl_ca_certs=client_ca or None, ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
-)
-"""
-
-
-class TLSControlPlane(ControlPlane):
-    """The reference runtime API over TLS with a certificate from a private CA, optionally
-    requiring a client certificate from that CA."""
-
-    def __init__(self, workdir: Path, ca: trustme.CA, *, require_client_cert: bool) -> None:
-        super().__init__(workdir)
-        self.ca_file = workdir / "ca.pem"
-        self.cert_file = workdir / "server.pem"
-        self.key_file = workdir / "server.key"
-        self.client_cert = workdir / "client.pem"
-        self.client_key = workdir / "client.key"
-        ca.cert_pem.write_to_path(str(self.ca_file))
-        server = ca.issue_cert("127.0.0.1")
-        server.cert_chain_pems[0].write_to_path(str(self.cert_file))
-        server.private_key_pem.write_to_path(str(self.key_file))
-        client = ca.issue_cert("host-test")
-        client.cert_chain_pems[0].write_to_path(str(self.client_cert))
-        client.private_key_pem.write_to_path(str(self.client_key))
-        self.require_client_cert = require_client_cert
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def start(self) -> TLSControlPlane:
-        client_ca = str(self.ca_file) if self.require_client_cert else ""
-        args = [str(self.port), str(self.secret_file), str(self.cert_file), str(self.key_file), client_ca]
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _TLS_SERVER, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=REPO,
-        )
-        wait_for_port(self.port, self.process)
-        return self
-
-    def requests_seen(self, path: str | None = None) -> int:
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        context.load_cert_chain(str(self.client_cert), str(self.client_key))
-        params = {"path": path} if path is not None else None
-        with httpx.Client(verify=context, timeout=5) as client:
-            count: int = client.get(f"{self.url}/_test/requests", params=params).json()["count"]
-        return count
-
-    def toml(self, *, ca_file: bool = True, client_cert: bool = False) -> str:
-        lines = [f'ca_file = "{self.ca_file}"'] if ca_file else []
-        if client_cert:
-            lines += [f'client_cert = "{self.client_cert}"', f'client_key = "{self.client_key}"']
-        return "\n".join(lines)
 
 
 @pytest.fixture(scope="module")

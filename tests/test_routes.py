@@ -132,12 +132,13 @@ async def test_route_body_limit(app: ProxyApp, cp: ControlPlane) -> None:
 
 async def test_route_timeout(app: ProxyApp) -> None:
     async with guest(app, 40000) as vm:
-        # control_plane.timeout = 1: a 1.5 s answer is too slow for /runtime/ ...
-        late = await vm.get("/runtime/slow", params={"seconds": "1.5"}, headers=META)
+        # control_plane.timeout = 1: a 1.5 s answer is too slow for /runtime/ (/runtime/slow
+        # itself is /runtime/slow/'s own name, so it is that route's: guards.match_route) ...
+        late = await vm.get("/runtime/cached", params={"delay": "1.5"}, headers=META)
         assert (late.status_code, code(late)) == (504, "upstream_timeout")
         # ... and within /runtime/slow/'s own 5 s.
         held = await vm.get("/runtime/slow/x", params={"seconds": "1.5"}, headers=META)
         assert held.status_code == 200 and held.json() == {"slept": 1.5}
         # A pooled connection that served the long route keeps the short limit for the next call.
-        again = await vm.get("/runtime/slow", params={"seconds": "1.5"}, headers=META)
+        again = await vm.get("/runtime/cached", params={"delay": "1.5"}, headers=META)
         assert (again.status_code, code(again)) == (504, "upstream_timeout")
