@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import trustme
@@ -81,7 +81,7 @@ class ControlPlane:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> ControlPlane:
+    def start(self) -> Self:
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -145,7 +145,7 @@ class TLSControlPlane(ControlPlane):
         client.cert_chain_pems[0].write_to_path(str(self.client_cert))
         client.private_key_pem.write_to_path(str(self.client_key))
         self.require_client_cert = require_client_cert
-        tls = ("--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file))
+        tls: tuple[str, ...] = ("--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file))
         if require_client_cert:
             tls += ("--client-ca", str(self.ca_file))
         super().__init__(workdir, extra=(*tls, *extra))

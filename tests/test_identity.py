@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import jwt
+import jwt.utils
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -391,8 +392,8 @@ def test_verifiers_refuse_another_audience_a_wrong_nonce_and_a_tampered_token(se
     with pytest.raises(InvalidClaimError):
         joserfc_verify(server, token, "https://secrets.example", "replayed")
     header, payload, signature = token.split(".")
-    forged_claims = jwt.api_jws.base64url_encode(
-        jwt.api_jws.base64url_decode(payload).replace(b"vm-refused", b"vm-attacker")
+    forged_claims = jwt.utils.base64url_encode(
+        jwt.utils.base64url_decode(payload).replace(b"vm-refused", b"vm-attacker")
     ).decode()
     forged = f"{header}.{forged_claims}.{signature}"
     with pytest.raises(jwt.InvalidSignatureError):
