@@ -20,6 +20,7 @@ import uvicorn
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
+from controlplane import actions_cache
 from controlplane.app import create_app
 from controlplane.tokens import Secrets, TokenError, Verifier, mint
 from controlplane.vms import VmDirectory, VmFileError
@@ -71,6 +72,8 @@ def build_app(args: argparse.Namespace, routes: tuple[BaseRoute, ...] = ()) -> A
     secrets = Secrets.from_specs(args.secret_file)
     vms = VmDirectory(args.vms) if args.vms else None
     verifier = Verifier(secrets, vm_exists=vms.exists if vms else None, max_age=args.max_age)
+    if args.blob_url:
+        routes = (*actions_cache.cache_routes(actions_cache.from_args(args)), *routes)
     return create_app(verifier, vms=vms, routes=routes)
 
 
@@ -127,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
         help='the VMs that exist, one a line: an id or {"vm_id", "scope", "metadata"} (re-read on change)',
     )
     serve_.add_argument("--max-age", type=_positive_int, metavar="SECONDS", help="refuse tokens older than this")
+    actions_cache.add_arguments(serve_)
     serve_.set_defaults(run=_serve)
 
     mint_ = commands.add_parser("mint", allow_abbrev=False, help="print a runtime token for VM_ID on stdout")
@@ -144,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         code: int = args.run(args)
-    except (Failure, TokenError, VmFileError) as exc:
+    except (Failure, TokenError, VmFileError, actions_cache.CacheSetupError) as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except (OSError, ValueError) as exc:  # e.g. the port is taken: one line, not a traceback
