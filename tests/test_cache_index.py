@@ -188,7 +188,7 @@ def test_eviction_never_takes_an_entry_being_handed_out(make_index: Callable[[],
     for n in range(20):
         finalized(reader, "s", f"e{n:02d}", 100, T0 + n)
     handed_out: set[str] = set()
-    stop = threading.Event()
+    started, stop = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
     def read() -> None:
@@ -198,12 +198,14 @@ def test_eviction_never_takes_an_entry_being_handed_out(make_index: Callable[[],
                 found = reader.lookup("s", f"e{n % 20:02d}", [], "v", T0 + 100, LEASE)
                 if found is not None:
                     handed_out.add(found.blob)
+                    started.set()
                 n += 1
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
     thread = threading.Thread(target=read)
     thread.start()
+    assert started.wait(timeout=30)
     doomed: list[str] = []
     for n in range(20):
         entry = writer.create("s", f"new{n:02d}", "v", f"blob-new-{n}", T0 + 100, NEVER)
@@ -212,4 +214,5 @@ def test_eviction_never_takes_an_entry_being_handed_out(make_index: Callable[[],
     stop.set()
     thread.join(timeout=60)
     assert errors == []
-    assert handed_out and not (handed_out & set(doomed))
+    assert handed_out and doomed
+    assert not (handed_out & set(doomed))
