@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from controlplane.app import authenticate, error_response
 from controlplane.azure_blob import SAS_LIFETIME, BlobError, BlobStore
-from controlplane.cache_index import CacheIndex, Entry, IndexError_, open_index
+from controlplane.cache_index import CacheIndex, Entry, IndexError_, TooManyPending, open_index
 from controlplane.tokens import InvalidToken, UnknownVM
 
 __all__ = ["CacheLimits", "CacheService", "CacheSetupError", "add_arguments", "cache_routes", "from_args"]
@@ -64,6 +65,9 @@ class CacheLimits:
     scope_bytes: int = 10 * GiB
     unused_seconds: float = 7 * 86400.0
     unfinalized_seconds: float = 30 * 60.0
+    # Uploads in progress per scope: a write SAS cannot cap what is written through it, so the
+    # number of open ones is what bounds the storage a scope can fill before its finalize checks.
+    max_pending: int = 32
 
 
 class CacheError(Exception):
@@ -119,12 +123,17 @@ class CacheService:
             raise CacheError(
                 400, "invalid_argument", "entry_too_large", f"entries are at most {self.limits.max_entry_bytes} bytes"
             )
-        await self.sweep()
         now = self.clock()
         blob = secrets.token_hex(16)  # never reused: a re-created key gets a new blob
-        entry: Entry | None = await self._run(
-            self.index.create, scope, key, version, blob, now, now - self.limits.unfinalized_seconds
-        )
+        try:
+            entry: Entry | None = await self._run(
+                self.index.create, scope, key, version, blob, now, now - self.limits.unfinalized_seconds,
+                self.limits.max_pending,
+            )  # fmt: skip
+        except TooManyPending:
+            raise CacheError(
+                429, "resource_exhausted", "too_many_uploads", "too many uploads in progress in this scope"
+            ) from None
         if entry is None:
             raise CacheError(409, "already_exists", "already_exists", "an entry with this key and version exists")
         return entry
@@ -189,7 +198,9 @@ class CacheService:
 
     async def sweep(self, *, force: bool = False) -> None:
         """Expire unused and abandoned entries and delete doomed blobs, at most once a SWEEP_INTERVAL
-        per process (run from the cache's own requests: the server has no background tasks)."""
+        per process. Runs after the cache's own answers have been sent (a response's background
+        task): the reference server has no lifespan tasks, and every replica's traffic keeps the
+        shared index clean."""
         now = self.clock()
         if not force and now - self._last_sweep < SWEEP_INTERVAL:
             return
@@ -297,7 +308,8 @@ async def twirp(request: Request, service: CacheService) -> Response:
         scope = _scope(request)
         if "json" not in request.headers.get("content-type", ""):
             raise CacheError(400, "malformed", "bad_request", "only the JSON encoding is served")
-        return JSONResponse(await method(request, service, scope, await _json_body(request)))
+        answer = await method(request, service, scope, await _json_body(request))
+        return JSONResponse(answer, background=BackgroundTask(service.sweep))
     except InvalidToken as exc:
         return _twirp_error(401, "unauthenticated", str(exc))
     except UnknownVM as exc:
@@ -316,7 +328,9 @@ def _rest(
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         try:
-            return await handler(request, service, _scope(request))
+            response = await handler(request, service, _scope(request))
+            response.background = BackgroundTask(service.sweep)
+            return response
         except CacheError as exc:
             return error_response(exc.status, exc.code, str(exc))
         except (InvalidToken, UnknownVM):

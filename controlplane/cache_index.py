@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["CacheIndex", "Entry", "IndexError_", "PostgresIndex", "SqliteIndex", "open_index"]
+__all__ = ["CacheIndex", "Entry", "IndexError_", "PostgresIndex", "SqliteIndex", "TooManyPending", "open_index"]
 
 # The largest code point: a prefix's range scan ends below prefix + MAX_CHAR (then checked exactly).
 MAX_CHAR = "\U0010ffff"
@@ -38,6 +38,10 @@ MAX_CHAR = "\U0010ffff"
 
 class IndexError_(Exception):  # noqa: N801 - IndexError is a builtin
     """The index cannot be opened or used (the message names the database)."""
+
+
+class TooManyPending(Exception):
+    """The scope already has its maximum of unfinalized entries (uploads in progress)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +84,12 @@ class CacheIndex(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def create(self, scope: str, key: str, version: str, blob: str, now: float, abandon_before: float) -> Entry | None:
-        """A new unfinalized entry; None when one with this scope, key and version exists."""
-        with self._transaction() as cur:
+    def create(
+        self, scope: str, key: str, version: str, blob: str, now: float, abandon_before: float, max_pending: int = 0
+    ) -> Entry | None:
+        """A new unfinalized entry; None when one with this scope, key and version exists.
+        With ``max_pending``, TooManyPending when the scope already has that many uploads in progress."""
+        with self._transaction(scope_lock=scope if max_pending else None) as cur:
             # An upload abandoned long ago must not block the key forever.
             cur.execute(
                 self._sql(
@@ -92,6 +99,13 @@ class CacheIndex(ABC):
                 (scope, key, version, abandon_before),
             )
             self._doom(cur, [row[0] for row in cur.fetchall()], now)
+            if max_pending:
+                cur.execute(
+                    self._sql("SELECT count(*) FROM entries WHERE scope = ? AND finalized IS NULL AND created >= ?"),
+                    (scope, abandon_before),
+                )
+                if int(cur.fetchone()[0]) >= max_pending:
+                    raise TooManyPending(scope)
             cur.execute(
                 self._sql(
                     "INSERT INTO entries (scope, key, version, blob, created, last_used) VALUES (?, ?, ?, ?, ?, ?)"

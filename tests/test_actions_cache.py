@@ -159,6 +159,17 @@ async def test_v2_errors_are_twirp_json(app: tuple[Starlette, CacheService]) -> 
         assert app[1].store.size(urlsplit(created.json()["signed_upload_url"]).path.rsplit("/", 1)[1]) is None
 
 
+async def test_uploads_in_progress_are_bounded(tmp_path: Path, azurite: Azurite) -> None:
+    app, service = build(tmp_path, store_for(azurite, "pending"), CacheLimits(max_pending=2))
+    async with client(app, "a1") as a1:
+        for key in ("p-1", "p-2"):
+            assert (await a1.post(TWIRP + "CreateCacheEntry", json={"key": key, "version": "v"})).json()["ok"]
+        third = await a1.post(TWIRP + "CreateCacheEntry", json={"key": "p-3", "version": "v"})
+        assert_twirp(third, 429, "resource_exhausted")
+        assert_envelope(await a1.post(V1 + "caches", json={"key": "p-3", "version": "v"}), 429, "too_many_uploads")
+    service.index.close()
+
+
 async def test_v2_store_down_is_json_unavailable(tmp_path: Path) -> None:
     dead = BlobStore(f"http://127.0.0.1:{free_port()}/{AZURITE_ACCOUNT}", AZURITE_ACCOUNT, azurite_key(), "c")
     app, service = build(tmp_path, dead)

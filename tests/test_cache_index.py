@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cache_index import CacheIndex, Entry, PostgresIndex, SqliteIndex
+from controlplane.cache_index import CacheIndex, Entry, PostgresIndex, SqliteIndex, TooManyPending
 from tests.cache_harness import Postgres, postgres
 
 __all__ = ["postgres"]  # the session fixture, imported for pytest
@@ -216,3 +216,13 @@ def test_eviction_never_takes_an_entry_being_handed_out(make_index: Callable[[],
     assert errors == []
     assert handed_out and doomed
     assert not (handed_out & set(doomed))
+
+
+def test_uploads_in_progress_are_bounded_per_scope(index: CacheIndex) -> None:
+    for n in range(3):
+        assert index.create("s", f"p{n}", "v", f"blob-p{n}", T0, T0 - 1800, max_pending=3) is not None
+    with pytest.raises(TooManyPending):
+        index.create("s", "p3", "v", "blob-p3", T0, T0 - 1800, max_pending=3)
+    assert index.create("elsewhere", "p3", "v", "blob-e3", T0, T0 - 1800, max_pending=3) is not None
+    # Abandoned uploads no longer count.
+    assert index.create("s", "p3", "v", "blob-p3", T0 + 1801, T0 + 1, max_pending=3) is not None
