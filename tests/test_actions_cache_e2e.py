@@ -316,3 +316,22 @@ def test_evicted_entry_takes_its_blob(small_world: World) -> None:
     assert restore(world, "solo", "evict-1")[0] is None
     assert restore(world, "solo", "evict-2")[0] == "evict-2"
     assert restore(world, "solo", "evict-3")[1] == third
+
+
+def test_guard_none_still_refuses_what_ssrf_looks_like(world: World) -> None:
+    """The cache routes have no Metadata header check, but a request relayed by a proxy inside the
+    guest (forwarding headers) or aimed through DNS rebinding (foreign Host) never reaches the
+    control plane; a plain request reaches only the caller's own scope."""
+    before = world.cp.requests_seen()
+    body = {"key": "k", "version": "v"}
+    with world.proxy.guest(world.addresses["solo"]) as guest:
+        relayed = guest.post(TWIRP + "CreateCacheEntry", json=body, headers={"X-Forwarded-For": "10.0.0.1"})
+        assert relayed.status_code == 400 and relayed.json()["error"]["code"] == "forwarded_request"
+        rebound = guest.post(TWIRP + "CreateCacheEntry", json=body, headers={"Host": "attacker.example"})
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "bad_host"
+        v1 = guest.get("/runtime/github/_apis/artifactcache/cache", params={"keys": "k", "version": "v"},
+                       headers={"Forwarded": "for=10.0.0.1"})  # fmt: skip
+        assert v1.status_code == 400 and v1.json()["error"]["code"] == "forwarded_request"
+        # The header guard still holds on the other routes.
+        assert guest.get("/runtime/whoami").json()["error"]["code"] == "missing_metadata_header"
+    assert world.cp.requests_seen() == before
