@@ -144,14 +144,15 @@ class CacheService:
     def download_url(self, entry: Entry) -> str:
         return self.store.sas_url(entry.blob, "r", now=self.clock())
 
-    async def finalize(self, entry: Entry, size: int) -> None:
-        """Check the uploaded blob against ``size`` and the limits, then make the entry visible."""
-        actual: int | None = await self._run(self.store.size, entry.blob)
+    async def finalize(self, entry: Entry, size: int, *, guest_wrote: bool = True) -> None:
+        """Check the uploaded blob against ``size`` and the limits, then make the entry visible.
+        ``guest_wrote``: the guest holds a write URL (v2), so the blob is checked again once it expires."""
+        found: tuple[int, str] | None = await self._run(self.store.properties, entry.blob)
         problem = None
-        if actual is None:
+        if found is None:
             problem = CacheError(412, "failed_precondition", "not_uploaded", "nothing was uploaded for this entry")
-        elif actual != size:
-            problem = _bad(f"the uploaded blob has {actual} bytes, not {size}")
+        elif found[0] != size:
+            problem = _bad(f"the uploaded blob has {found[0]} bytes, not {size}")
         elif size > min(self.limits.max_entry_bytes, self.limits.scope_bytes):
             problem = CacheError(
                 400, "invalid_argument", "entry_too_large", f"entries are at most {self.limits.max_entry_bytes} bytes"
@@ -160,7 +161,9 @@ class CacheService:
             await self._run(self.index.remove, entry, self.clock())
             await self._delete_doomed()
             raise problem
-        done, doomed = await self._run(self.index.finalize, entry, size, self.clock(), self.limits.scope_bytes)
+        assert found is not None
+        etag = found[1] if guest_wrote else None
+        done, doomed = await self._run(self.index.finalize, entry, size, self.clock(), self.limits.scope_bytes, etag)
         if not done:
             raise CacheError(409, "already_exists", "already_exists", "the entry is already finalized")
         if doomed:
@@ -194,7 +197,7 @@ class CacheService:
             await self._delete_doomed()
             raise _bad(f"the uploaded chunks do not cover 0..{size} contiguously")
         await self._run(self.store.put_block_list, entry.blob, order)
-        await self.finalize(entry, size)
+        await self.finalize(entry, size, guest_wrote=False)
 
     async def sweep(self, *, force: bool = False) -> None:
         """Expire unused and abandoned entries and delete doomed blobs, at most once a SWEEP_INTERVAL
@@ -205,10 +208,23 @@ class CacheService:
         if not force and now - self._last_sweep < SWEEP_INTERVAL:
             return
         self._last_sweep = now
+        await self._verify(now)
         doomed: list[str] = await self._run(
             self.index.expire, now, now - self.limits.unused_seconds, now - self.limits.unfinalized_seconds
         )
         await self._delete(doomed)
+
+    async def _verify(self, now: float) -> None:
+        """A v2 guest holds a write URL for its blob until SAS_LIFETIME after the create: once that
+        has expired, an entry whose blob changed after finalize (size or ETag) is removed, so
+        rewriting a blob cannot get around the size limits or the quota for long."""
+        entries: list[Entry] = await self._run(self.index.unverified, now - SAS_LIFETIME)
+        for entry in entries:
+            found = await self._run(self.store.properties, entry.blob)
+            if found == (entry.size, entry.etag):
+                await self._run(self.index.verified, entry)
+            else:
+                await self._run(self.index.remove, entry, now)
 
     async def _delete_doomed(self) -> None:
         now = self.clock()

@@ -140,13 +140,18 @@ class BlobStore:
         status, _, _ = self._call("PUT", url, body, {"Content-Type": "application/xml"})
         self._expect(status, (201,), "Put Block List")
 
-    def size(self, blob: str) -> int | None:
-        """The committed blob's size in bytes; None if there is no such blob."""
+    def properties(self, blob: str) -> tuple[int, str] | None:
+        """The committed blob's (size in bytes, ETag); None if there is no such blob."""
         status, headers, _ = self._call("HEAD", self.sas_url(blob, "r", lifetime=120))
         if status == 404:
             return None
         self._expect(status, (200,), "Get Blob Properties")
-        return int(headers.get("content-length", "0"))
+        return int(headers.get("content-length", "0")), headers.get("etag", "")
+
+    def size(self, blob: str) -> int | None:
+        """The committed blob's size in bytes; None if there is no such blob."""
+        found = self.properties(blob)
+        return found[0] if found is not None else None
 
     def delete(self, blob: str) -> None:
         """Delete the blob (committed or not); one that is already gone is not an error."""

@@ -55,9 +55,12 @@ class Entry:
     created: float
     finalized: float | None
     last_used: float
+    # Set at finalize while the guest still holds a write URL for the blob: the blob's ETag then,
+    # checked again once that URL has expired (``unverified``/``verified``).
+    etag: str | None = None
 
 
-_COLUMNS = "id, scope, key, version, blob, size, created, finalized, last_used"
+_COLUMNS = "id, scope, key, version, blob, size, created, finalized, last_used, etag"
 
 
 class _Cursor(Protocol):
@@ -132,17 +135,20 @@ class CacheIndex(ABC):
             cur.execute(self._sql(f"SELECT {_COLUMNS} FROM entries WHERE id = ? AND scope = ?"), (entry_id, scope))
             return _entry(cur.fetchone())
 
-    def finalize(self, entry: Entry, size: int, now: float, quota: int) -> tuple[bool, list[str]]:
-        """Mark the entry finalized with its size, then evict the scope's least recently used
-        other entries (unleased) until the scope holds at most ``quota`` bytes.
+    def finalize(
+        self, entry: Entry, size: int, now: float, quota: int, etag: str | None = None
+    ) -> tuple[bool, list[str]]:
+        """Mark the entry finalized with its size (and, when the guest may still write the blob,
+        its ETag), then evict the scope's least recently used other entries (unleased) until the
+        scope holds at most ``quota`` bytes.
         Returns (finalized, blobs to delete); False when the entry is gone or already finalized."""
         with self._transaction(scope_lock=entry.scope) as cur:
             cur.execute(
                 self._sql(
-                    "UPDATE entries SET finalized = ?, size = ?, last_used = ?"
+                    "UPDATE entries SET finalized = ?, size = ?, last_used = ?, etag = ?"
                     " WHERE id = ? AND scope = ? AND finalized IS NULL RETURNING id"
                 ),
-                (now, size, now, entry.id, entry.scope),
+                (now, size, now, etag, entry.id, entry.scope),
             )
             if cur.fetchone() is None:
                 return False, []
@@ -215,6 +221,22 @@ class CacheIndex(ABC):
                     return found
             return None
 
+    def unverified(self, created_before: float) -> list[Entry]:
+        """Finalized entries with an ETag to check, created before ``created_before``."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    f"SELECT {_COLUMNS} FROM entries WHERE etag IS NOT NULL AND finalized IS NOT NULL AND created < ?"
+                ),
+                (created_before,),
+            )
+            return [Entry(*row) for row in cur.fetchall()]
+
+    def verified(self, entry: Entry) -> None:
+        """The entry's blob is as finalized and can no longer change: nothing left to check."""
+        with self._transaction() as cur:
+            cur.execute(self._sql("UPDATE entries SET etag = NULL WHERE id = ?"), (entry.id,))
+
     def remove(self, entry: Entry, now: float) -> None:
         """Remove one entry (e.g. an upload that failed its checks); its blob joins the deletion queue."""
         with self._transaction() as cur:
@@ -275,6 +297,7 @@ CREATE TABLE IF NOT EXISTS entries (
     finalized REAL,
     last_used REAL NOT NULL,
     leased_until REAL NOT NULL DEFAULT 0,
+    etag TEXT,
     UNIQUE (scope, key, version)
 );
 CREATE INDEX IF NOT EXISTS entries_lookup ON entries (scope, version, key);
@@ -346,6 +369,7 @@ CREATE TABLE IF NOT EXISTS entries (
     finalized DOUBLE PRECISION,
     last_used DOUBLE PRECISION NOT NULL,
     leased_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    etag TEXT,
     UNIQUE (scope, key, version)
 );
 CREATE INDEX IF NOT EXISTS entries_lookup ON entries (scope, version, key);

@@ -265,6 +265,35 @@ async def test_sweep_expires_with_an_injected_clock(tmp_path: Path, azurite: Azu
     service.index.close()
 
 
+async def test_a_blob_rewritten_after_finalize_is_removed(tmp_path: Path, azurite: Azurite) -> None:
+    """v2: the guest keeps its write URL for 10 minutes after the create; once that has expired,
+    an entry whose blob changed after finalize goes (blob included), an unchanged one stays."""
+    app, service = build(tmp_path, store_for(azurite, "rewrite"))
+    now = [time.time()]
+    service.clock = lambda: now[0]
+    async with client(app, "a1") as a1:
+        urls = {}
+        for key in ("kept", "rewritten"):
+            created = await a1.post(TWIRP + "CreateCacheEntry", json={"key": key, "version": "v"})
+            urls[key] = created.json()["signed_upload_url"]
+            await upload(urls[key], b"12345")
+            body = {"key": key, "version": "v", "size_bytes": "5"}
+            assert (await a1.post(TWIRP + "FinalizeCacheEntryUpload", json=body)).json()["ok"] is True
+        await upload(urls["rewritten"], b"much more than was finalized")
+        await service.sweep(force=True)  # the write URL is still valid: nothing decided yet
+        assert len(service.index.unverified(now[0] + 1)) == 2
+        now[0] += 601
+        await service.sweep(force=True)
+        assert service.index.unverified(now[0]) == []
+        blob = urlsplit(urls["rewritten"]).path.rsplit("/", 1)[1]
+        assert service.store.size(blob) is None
+        miss = await a1.post(TWIRP + "GetCacheEntryDownloadURL", json={"key": "rewritten", "version": "v"})
+        assert miss.json()["ok"] is False
+        hit = await a1.post(TWIRP + "GetCacheEntryDownloadURL", json={"key": "kept", "version": "v"})
+        assert hit.json()["ok"] is True
+    service.index.close()
+
+
 async def test_without_blob_url_the_endpoints_answer_404() -> None:
     app = create_app(Verifier(SECRETS))
     async with client(app, "a1") as a1:

@@ -226,3 +226,16 @@ def test_uploads_in_progress_are_bounded_per_scope(index: CacheIndex) -> None:
     assert index.create("elsewhere", "p3", "v", "blob-e3", T0, T0 - 1800, max_pending=3) is not None
     # Abandoned uploads no longer count.
     assert index.create("s", "p3", "v", "blob-p3", T0 + 1801, T0 + 1, max_pending=3) is not None
+
+
+def test_entries_to_verify_after_the_write_url_expires(index: CacheIndex) -> None:
+    guest_wrote = index.create("s", "v2", "v", "blob-v2", T0, NEVER)
+    chunks = index.create("s", "v1", "v", "blob-v1", T0, NEVER)
+    assert guest_wrote is not None and chunks is not None
+    index.finalize(guest_wrote, 5, T0 + 1, 10**12, etag='"0x1"')
+    index.finalize(chunks, 5, T0 + 1, 10**12)
+    assert index.unverified(T0) == []  # created at T0: its write URL may still be valid
+    [pending] = index.unverified(T0 + LEASE)
+    assert pending.blob == "blob-v2" and pending.etag == '"0x1"' and pending.size == 5
+    index.verified(pending)
+    assert index.unverified(T0 + LEASE) == []
