@@ -5,14 +5,18 @@ SAS URLs as the store sees them, and ``controlplane serve``'s cache options."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import psycopg
 import pytest
 from starlette.applications import Starlette
 
@@ -22,10 +26,10 @@ from controlplane.azure_blob import BlobStore
 from controlplane.cache_index import SqliteIndex
 from controlplane.tokens import Secrets, Verifier, mint
 from controlplane.vms import VmDirectory
-from tests.cache_harness import AZURITE_ACCOUNT, Azurite, azurite, azurite_key
-from tests.harness import free_port
+from tests.cache_harness import AZURITE_ACCOUNT, Azurite, Postgres, azurite, azurite_key, postgres
+from tests.harness import ControlPlane, free_port
 
-__all__ = ["azurite"]  # the session fixture, imported for pytest
+__all__ = ["azurite", "postgres"]  # the session fixtures, imported for pytest
 
 SECRET = b"cache-api-secret-".ljust(48, b"x")
 SECRETS = Secrets([(None, SECRET)])
@@ -317,6 +321,49 @@ def test_sas_urls_as_the_store_sees_them(azurite: Azurite) -> None:
     assert httpx.get(wrong_key.sas_url(name, "r")).status_code == 403
     query = parse_qs(urlsplit(store.sas_url(name, "r", now=1_800_000_000)).query)
     assert query["se"] == ["2027-01-15T08:10:00Z"] and query["st"] == ["2027-01-15T07:55:00Z"]
+
+
+def test_two_replicas_share_one_postgresql_index(tmp_path: Path, azurite: Azurite, postgres: Postgres) -> None:
+    """Two `controlplane serve --database` processes on one PostgreSQL database: of 16 concurrent
+    creates of one key, spread over both, exactly one wins; an entry created on one replica is
+    finalized on the other and found by the first."""
+    database = f"r{uuid.uuid4().hex[:12]}"
+    with contextlib.closing(psycopg.connect(postgres.url, autocommit=True)) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    url = postgres.url.replace("/postgres?", f"/{database}?")
+    options = (
+        "--blob-url", azurite.url, "--blob-account", AZURITE_ACCOUNT, "--blob-key-file", str(azurite.key_file()),
+        "--blob-container", "replicas", "--database", url,
+    )  # fmt: skip
+    replicas = [ControlPlane(tmp_path, extra=options).start() for _ in range(2)]
+    try:
+        headers = {"Authorization": f"Bearer {replicas[0].mint('vm-r')}"}
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(
+                pool.map(
+                    lambda n: httpx.post(
+                        replicas[n % 2].url + TWIRP + "CreateCacheEntry",
+                        json={"key": "race", "version": "v"},
+                        headers=headers,
+                        timeout=30,
+                    ),
+                    range(16),
+                )
+            )
+        assert sorted(answer.status_code for answer in answers) == [200] + [409] * 15
+        [won] = [answer for answer in answers if answer.status_code == 200]
+        uploaded = httpx.put(won.json()["signed_upload_url"], content=b"abc", headers={"x-ms-blob-type": "BlockBlob"})
+        assert uploaded.status_code == 201
+        body = {"key": "race", "version": "v", "size_bytes": "3"}
+        done = httpx.post(replicas[1].url + TWIRP + "FinalizeCacheEntryUpload", json=body, headers=headers)
+        assert done.json()["ok"] is True
+        found = httpx.post(
+            replicas[0].url + TWIRP + "GetCacheEntryDownloadURL", json={"key": "race", "version": "v"}, headers=headers
+        )
+        assert httpx.get(found.json()["signed_download_url"]).content == b"abc"
+    finally:
+        for replica in replicas:
+            replica.stop()
 
 
 def test_serve_cache_options_fail_in_one_line(tmp_path: Path, azurite: Azurite) -> None:
