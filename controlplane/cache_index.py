@@ -81,6 +81,10 @@ class CacheIndex(ABC):
         """A context manager yielding a cursor inside one write transaction; with ``scope_lock``,
         serialised against every other transaction holding the same scope's lock."""
 
+    @abstractmethod
+    def _statements(self) -> Any:
+        """A context manager yielding a cursor whose statements each commit on their own."""
+
     def _sql(self, statement: str) -> str:
         return statement
 
@@ -185,41 +189,31 @@ class CacheIndex(ABC):
     def lookup(
         self, scope: str, key: str, restore_keys: Sequence[str], version: str, now: float, lease: float
     ) -> Entry | None:
-        """The finalized entry the client should restore, touched and leased until ``now + lease``; None on a miss."""
-        with self._transaction() as cur:
-            candidates: list[tuple[str, str]] = [("exact", key)] + [("prefix", prefix) for prefix in restore_keys]
-            for kind, text in candidates:
-                if kind == "exact":
-                    cur.execute(
-                        self._sql(
-                            "SELECT id FROM entries WHERE scope = ? AND version = ? AND key = ?"
-                            " AND finalized IS NOT NULL"
-                        ),
-                        (scope, version, text),
-                    )
-                else:
-                    cur.execute(
-                        self._sql(
-                            "SELECT id FROM entries WHERE scope = ? AND version = ? AND key >= ? AND key < ?"
-                            " AND substr(key, 1, length(?)) = ? AND finalized IS NOT NULL"
-                            " ORDER BY finalized DESC, id DESC LIMIT 1"
-                        ),
-                        (scope, version, text, text + MAX_CHAR, text, text),
-                    )
-                row = cur.fetchone()
-                if row is None:
-                    continue
-                cur.execute(
-                    self._sql(
-                        "UPDATE entries SET last_used = ?, leased_until = ? WHERE id = ? AND finalized IS NOT NULL"
-                        f" RETURNING {_COLUMNS}"
-                    ),
-                    (now, now + lease, row[0]),
-                )
-                found = _entry(cur.fetchone())
+        """The finalized entry the client should restore, touched and leased until ``now + lease``; None on a miss.
+
+        One statement per key, each atomic on its own (no transaction around them: one round
+        trip per key on PostgreSQL): the UPDATE re-checks the row its sub-select chose, so an
+        entry removed in between is simply not answered."""
+        touch = (
+            "UPDATE entries SET last_used = ?, leased_until = ? WHERE finalized IS NOT NULL AND id = ({})"
+            f" RETURNING {_COLUMNS}"
+        )
+        exact = touch.format(
+            "SELECT id FROM entries WHERE scope = ? AND version = ? AND key = ? AND finalized IS NOT NULL"
+        )
+        prefix = touch.format(
+            "SELECT id FROM entries WHERE scope = ? AND version = ? AND key >= ? AND key < ?"
+            " AND substr(key, 1, length(?)) = ? AND finalized IS NOT NULL ORDER BY finalized DESC, id DESC LIMIT 1"
+        )
+        with self._statements() as cur:
+            cur.execute(self._sql(exact), (now, now + lease, scope, version, key))
+            found = _entry(cur.fetchone())
+            for text in restore_keys:
                 if found is not None:
-                    return found
-            return None
+                    break
+                cur.execute(self._sql(prefix), (now, now + lease, scope, version, text, text + MAX_CHAR, text, text))
+                found = _entry(cur.fetchone())
+            return found
 
     def unverified(self, created_before: float) -> list[Entry]:
         """Finalized entries with an ETag to check, created before ``created_before``."""
@@ -350,6 +344,14 @@ class SqliteIndex(CacheIndex):
         finally:
             cur.close()
 
+    @contextmanager
+    def _statements(self) -> Iterator[sqlite3.Cursor]:
+        cur = self._connection().cursor()  # isolation_level=None: each statement is its own transaction
+        try:
+            yield cur
+        finally:
+            cur.close()
+
     def close(self) -> None:
         with self._lock:
             for connection in self._connections:
@@ -424,6 +426,11 @@ class PostgresIndex(CacheIndex):
         with connection.transaction(), connection.cursor() as cur:
             if scope_lock is not None:
                 cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (scope_lock,))
+            yield cur
+
+    @contextmanager
+    def _statements(self) -> Iterator[Any]:
+        with self._connection().cursor() as cur:  # an autocommit connection: each statement commits
             yield cur
 
     def close(self) -> None:
