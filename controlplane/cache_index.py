@@ -344,13 +344,10 @@ class SqliteIndex(CacheIndex):
         finally:
             cur.close()
 
-    @contextmanager
-    def _statements(self) -> Iterator[sqlite3.Cursor]:
-        cur = self._connection().cursor()  # isolation_level=None: each statement is its own transaction
-        try:
-            yield cur
-        finally:
-            cur.close()
+    def _statements(self) -> Any:
+        # Local calls cost no round trips: take the write lock up front, as every writer here does,
+        # rather than upgrade a read lock inside the statement.
+        return self._transaction()
 
     def close(self) -> None:
         with self._lock:
