@@ -214,6 +214,14 @@ class CacheService:
         )
         await self._delete(doomed)
 
+    async def sweep_quietly(self) -> None:
+        """``sweep`` after an answer has been sent: a failure (store or database down) has no one to
+        answer and must not become a traceback; the entries stay and the next sweep tries again."""
+        try:
+            await self.sweep()
+        except Exception:  # noqa: BLE001 - retried a SWEEP_INTERVAL later, not at once (the store may be down)
+            pass
+
     async def _verify(self, now: float) -> None:
         """A v2 guest holds a write URL for its blob until SAS_LIFETIME after the create: once that
         has expired, an entry whose blob changed after finalize (size or ETag) is removed, so
@@ -325,7 +333,7 @@ async def twirp(request: Request, service: CacheService) -> Response:
         if "json" not in request.headers.get("content-type", ""):
             raise CacheError(400, "malformed", "bad_request", "only the JSON encoding is served")
         answer = await method(request, service, scope, await _json_body(request))
-        return JSONResponse(answer, background=BackgroundTask(service.sweep))
+        return JSONResponse(answer, background=BackgroundTask(service.sweep_quietly))
     except InvalidToken as exc:
         return _twirp_error(401, "unauthenticated", str(exc))
     except UnknownVM as exc:
@@ -345,7 +353,7 @@ def _rest(
     async def endpoint(request: Request) -> Response:
         try:
             response = await handler(request, service, _scope(request))
-            response.background = BackgroundTask(service.sweep)
+            response.background = BackgroundTask(service.sweep_quietly)
             return response
         except CacheError as exc:
             return error_response(exc.status, exc.code, str(exc))
