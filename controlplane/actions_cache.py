@@ -110,7 +110,7 @@ class CacheService:
     store: BlobStore
     limits: CacheLimits = field(default_factory=CacheLimits)
     clock: Callable[[], float] = time.time
-    _last_sweep: float = 0.0
+    _last_sweep: float = field(default=0.0, init=False)
 
     async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -136,6 +136,16 @@ class CacheService:
             ) from None
         if entry is None:
             raise CacheError(409, "already_exists", "already_exists", "an entry with this key and version exists")
+        return entry
+
+    async def pending(self, scope: str, key: str, version: str) -> Entry | None:
+        """The scope's upload in progress for key and version (v2 names entries so)."""
+        entry: Entry | None = await self._run(self.index.pending, scope, key, version)
+        return entry
+
+    async def get(self, scope: str, entry_id: int) -> Entry | None:
+        """The scope's entry with this id (v1 names entries so); None for another scope's."""
+        entry: Entry | None = await self._run(self.index.get, scope, entry_id)
         return entry
 
     def upload_url(self, entry: Entry) -> str:
@@ -290,7 +300,7 @@ async def _finalize_entry(request: Request, service: CacheService, scope: str, b
     size_text = body.get("size_bytes", 0)
     if not isinstance(size_text, (str, int)) or not str(size_text).isdigit():
         raise _bad("size_bytes must be a non-negative integer")
-    entry = await service._run(service.index.pending, scope, key, version)
+    entry = await service.pending(scope, key, version)
     if entry is None:
         raise CacheError(404, "not_found", "not_found", "no upload in progress for this key and version")
     await service.finalize(entry, int(size_text))
@@ -373,7 +383,7 @@ def _entry_id(request: Request) -> int:
 
 
 async def _v1_entry(request: Request, service: CacheService, scope: str) -> Entry:
-    entry: Entry | None = await service._run(service.index.get, scope, _entry_id(request))
+    entry = await service.get(scope, _entry_id(request))
     if entry is None:
         raise CacheError(404, "not_found", "not_found", "no such cache entry")
     if entry.finalized is not None:
