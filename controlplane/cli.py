@@ -24,7 +24,7 @@ import uvicorn
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from controlplane import identity, tls
+from controlplane import actions_cache, identity, tls
 from controlplane.app import create_app
 from controlplane.tokens import Secrets, TokenError, Verifier, mint
 from controlplane.vms import VmDirectory, VmFileError
@@ -39,6 +39,17 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 
 class Failure(Exception):
     """An expected failure, reported as one stderr line and exit 1."""
+
+
+# What the commands raise for a bad file or value: one stderr line and exit 1, no traceback.
+_EXPECTED_FAILURES = (
+    Failure,
+    TokenError,
+    VmFileError,
+    identity.SigningKeyError,
+    tls.TLSError,
+    actions_cache.CacheSetupError,
+)
 
 
 class Usage(Exception):
@@ -112,6 +123,8 @@ def build_app(args: argparse.Namespace, routes: tuple[BaseRoute, ...] = ()) -> A
         keys = identity.SigningKeys.from_specs(args.signing_key)
         lifetime = args.identity_lifetime or identity.DEFAULT_LIFETIME
         issuer = identity.IdentityIssuer(keys, args.issuer, lifetime=lifetime)
+    if args.blob_url:
+        routes = (*actions_cache.cache_routes(actions_cache.from_args(args)), *routes)
     return create_app(
         verifier, vms=vms, routes=routes, identity=issuer, require_client_certificate=bool(args.client_ca)
     )
@@ -208,6 +221,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"identity token lifetime (default {identity.DEFAULT_LIFETIME}, at most {identity.MAX_LIFETIME})",
     )
+    actions_cache.add_arguments(serve_)
     serve_.set_defaults(run=_serve)
 
     mint_ = commands.add_parser("mint", allow_abbrev=False, help="print a runtime token for VM_ID on stdout")
@@ -236,7 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Usage as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    except (Failure, TokenError, VmFileError, identity.SigningKeyError, tls.TLSError) as exc:
+    except (
+        Failure,
+        TokenError,
+        VmFileError,
+        identity.SigningKeyError,
+        tls.TLSError,
+        actions_cache.CacheSetupError,
+    ) as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except (OSError, ValueError) as exc:  # e.g. the port is taken: one line, not a traceback
