@@ -4,6 +4,7 @@ Every ``/runtime/`` route first verifies ``Authorization: Bearer <token>`` (exac
 header) with the app's ``Verifier``::
 
     GET  /runtime/whoami         {"vm_id": <sub>, "host_id": <X-Metadata-Proxy-Host>, "address": <X-Forwarded-For>}
+    GET  /runtime/metadata       the VM's metadata (--vms), long-polled with wait_for_change (controlplane.metadata)
 
 Errors use the proxy's envelope ``{"error": {"code": ..., "message": ...}}``: 401
 ``invalid_token`` (missing, non-Bearer, malformed, wrongly signed, expired, future-dated),
@@ -91,8 +92,10 @@ def create_app(verifier: Verifier, *, vms: VmDirectory | None = None, routes: tu
     ``vms``: the ``--vms`` file (scopes and metadata), when the control plane has one.
     ``routes``: more routes of the integrator's own, served beside the runtime API.
     """
+    from controlplane import metadata  # imports this module's helpers
+
     app = Starlette(
-        routes=[Route("/runtime/whoami", whoami, methods=["GET"]), *routes],
+        routes=[Route("/runtime/whoami", whoami, methods=["GET"]), *metadata.routes(), *routes],
         exception_handlers={InvalidToken: _token_error, UnknownVM: _token_error, HTTPException: _http_error},
     )
     # A trailing-slash redirect is not an answer the proxy should pass to a guest: 404 instead.
