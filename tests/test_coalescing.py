@@ -251,3 +251,24 @@ def test_no_stale_entry_after_the_token_changed(tmp_path: Path, own_cp: ControlP
             after = guest.get(CACHED, params=params, headers=META)
         assert after.status_code == 503  # the control plane's own answer: nothing stale to serve
         assert cache_metric(proxy, "stale") == 0
+
+
+def test_waiters_are_answered_when_the_leaders_guest_hangs_up(proxy: Proxy, cp: ControlPlane) -> None:
+    address, vm_id = register(proxy, cp, "orphans")
+    before = cp.requests_seen(CACHED)
+    target = f"{CACHED}?max_age=60&delay=1&k=orphans"
+
+    async def scenario() -> list[httpx.Response]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, local_addr=(address, 0))
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nMetadata: true\r\n\r\n".encode())
+        while cp.requests_seen(CACHED) - before < 1:
+            await asyncio.sleep(0.02)
+        waiters = asyncio.create_task(burst(proxy, address, 10, max_age=60, delay=1, k="orphans"))
+        await asyncio.sleep(0.2)
+        writer.close()  # the leader's guest goes away; its call does not fail the waiters
+        return await waiters
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 10
+    assert {r.json()["vm_id"] for r in responses} == {vm_id}
+    assert cp.requests_seen(CACHED) - before == 1
