@@ -5,6 +5,7 @@ the wait. Real processes (tests/harness.py); guests are loopback source addresse
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import pytest
 
 from controlplane.metadata import etag_of
 from controlplane.tokens import Secrets, mint
+from controlplane.vms import WATCH_INTERVAL, VmDirectory
 from tests.harness import ControlPlane, Proxy, running
 
 META = {"Metadata": "true"}
@@ -228,3 +230,57 @@ def test_a_guest_that_hangs_up_frees_its_slot_at_once(proxy: Proxy, lp_cp: Contr
             wait_until(lambda n=n: lp_cp.requests_seen(METADATA) >= seen + n + 1)  # type: ignore[misc]
     with proxy.guest(address) as guest:
         wait_until(lambda: guest.get("/runtime/whoami", headers=META).status_code == 200, timeout=10)
+
+
+# -- the --vms file's change notification, in-process ------------------------------------------
+
+
+def test_wait_for_change_wakes_every_waiter_once_on_a_change_and_stops_watching(tmp_path: Path) -> None:
+    path = tmp_path / "vms"
+    path.write_text('{"vm_id": "a", "metadata": {"v": 1}}\n')
+    vms = VmDirectory(path)
+
+    async def scenario() -> tuple[list[float], float, bool]:
+        loop = asyncio.get_running_loop()
+        version = vms.version
+        waiters = [asyncio.create_task(vms.wait_for_change(version, 30)) for _ in range(100)]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiters)
+        temporary = tmp_path / "vms.new"
+        temporary.write_text('{"vm_id": "a", "metadata": {"v": 2}}\n')
+        os.replace(temporary, path)
+        changed = loop.time()
+        await asyncio.gather(*waiters)
+        woke = loop.time() - changed
+        timed_out = loop.time()
+        await vms.wait_for_change(vms.version, 0.3)  # nothing changes: returns at the timeout
+        waited = loop.time() - timed_out
+        await asyncio.sleep(WATCH_INTERVAL * 2)
+        return [woke], waited, vms._watcher is None
+
+    [woke], waited, stopped = asyncio.run(scenario())
+    vm = vms.get("a")
+    assert vm is not None and vm.metadata == {"v": 2}
+    assert woke < 1.0  # within a few watch intervals
+    assert waited >= 0.29
+    assert stopped  # nobody waits: nothing stats the file any more
+
+
+def test_a_change_before_the_wait_returns_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "vms"
+    path.write_text("a\n")
+    vms = VmDirectory(path)
+    version = vms.version
+    path.write_text("a\nb\n")
+
+    async def scenario() -> None:
+        await asyncio.wait_for(vms.wait_for_change(version, 30), 5)
+
+    asyncio.run(scenario())
+    assert vms.exists("b")
+
+
+def test_etag_follows_the_content_not_the_key_order() -> None:
+    assert etag_of({"a": 1, "b": [1, 2]}) == etag_of({"b": [1, 2], "a": 1})
+    assert etag_of({"a": 1}) != etag_of({"a": 2})
+    assert etag_of({}).startswith('"') and etag_of({}).endswith('"')
