@@ -141,10 +141,8 @@ def test_metadata_with_its_etag(proxy: Proxy, lp_cp: ControlPlane, vm_file: VmFi
 def test_bad_parameter_is_400(proxy: Proxy, lp_cp: ControlPlane, vm_file: VmFile, params: dict[str, Any]) -> None:
     address = register(proxy, lp_cp, vm_file, f"bad-{next(_addresses)}", {})
     with proxy.guest(address) as guest:
-        started = time.monotonic()
         response = guest.get(METADATA, params=params, headers=META)
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
-    assert time.monotonic() - started < 5  # refused, not held
 
 
 def test_a_waiting_guest_gets_changed_metadata_within_a_second(
