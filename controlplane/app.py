@@ -92,7 +92,7 @@ def create_app(verifier: Verifier, *, vms: VmDirectory | None = None, routes: tu
     ``vms``: the ``--vms`` file (scopes and metadata), when the control plane has one.
     ``routes``: more routes of the integrator's own, served beside the runtime API.
     """
-    from controlplane import metadata  # imports this module's helpers
+    from controlplane import metadata  # here, not at the top: it imports authenticate() from this module
 
     app = Starlette(
         routes=[Route("/runtime/whoami", whoami, methods=["GET"]), *metadata.routes(), *routes],
