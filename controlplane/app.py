@@ -5,6 +5,7 @@ header) with the app's ``Verifier``::
 
     GET  /runtime/whoami         {"vm_id": <sub>, "host_id": <X-Metadata-Proxy-Host>, "address": <X-Forwarded-For>}
     GET  /runtime/identity       identity tokens, with the public /.well-known/ documents (identity.py)
+    GET  /runtime/metadata       the VM's metadata (--vms), long-polled with wait_for_change (controlplane.metadata)
 
 Errors use the proxy's envelope ``{"error": {"code": ..., "message": ...}}``: 401
 ``invalid_token`` (missing, non-Bearer, malformed, wrongly signed, expired, future-dated),
@@ -146,11 +147,14 @@ def create_app(
     ``require_client_certificate``: every request must come with a client certificate's
     identity (the server verifies certificates; see ``HostBinding``).
     """
-    from controlplane.identity import identity_routes  # it builds on this module's authenticate
+    # Here, not at the top: they build on this module's authenticate().
+    from controlplane import metadata
+    from controlplane.identity import identity_routes
 
     app = Starlette(
         routes=[
             Route("/runtime/whoami", whoami, methods=["GET"]),
+            *metadata.routes(),
             *(identity_routes() if identity is not None else ()),
             *routes,
         ],

@@ -9,10 +9,17 @@ One VM a line, either a bare VM id or a JSON object::
 skipped. The file is re-read whenever its stat changes, so a VM removed from it is gone for
 the next request. Unreadable or malformed at start: VmFileError. Unreadable later: no VM
 exists (fail closed); malformed later: the last good contents stay in force.
+
+Change notification, for long-polls (``controlplane.metadata``): ``version`` counts the
+changes seen; ``wait_for_change(version, timeout)`` returns once it moved on. While anyone
+waits, one watcher task stats the file every WATCH_INTERVAL seconds and wakes every waiter
+with one event; nothing polls per waiter, and the watcher stops when nobody waits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["VM", "VmDirectory", "VmFileError"]
+
+# How often the file is stat'ed while a long-poll waits: a change reaches the waiters within this.
+WATCH_INTERVAL = 0.2
 
 
 class VmFileError(Exception):
@@ -74,6 +84,10 @@ class VmDirectory:
         self._stamp: tuple[int, int, int] | None = None
         self._vms: dict[str, VM] = {}
         self._readable = True
+        self.version = 0  # bumped whenever what get() answers may have changed
+        self._changed: asyncio.Event | None = None  # set (and replaced) at each change
+        self._waiting = 0
+        self._watcher: asyncio.Task[None] | None = None
         try:
             self.refresh()
         except (OSError, UnicodeDecodeError) as exc:
@@ -94,17 +108,27 @@ class VmDirectory:
             return False
         vms = parse_vm_file(self._path.read_text(encoding="utf-8"), self._path)
         self._vms, self._stamp = vms, stamp
+        self._bump()
         return True
+
+    def _bump(self) -> None:
+        self.version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def get(self, vm_id: str) -> VM | None:
         """The VM as listed now; None if it is not listed or the file has become unreadable."""
+        readable = True
         try:
             self.refresh()
-            self._readable = True
         except (OSError, UnicodeDecodeError):
-            self._readable = False
+            readable = False
         except VmFileError:
             pass  # a half-edited file: the last good contents stay in force
+        if readable != self._readable:
+            self._readable = readable
+            self._bump()
         return self._vms.get(vm_id) if self._readable else None
 
     def exists(self, vm_id: str) -> bool:
@@ -114,3 +138,29 @@ class VmDirectory:
         """The VM's scope (its id when the VM is not listed)."""
         vm = self.get(vm_id)
         return vm.scope if vm is not None else vm_id
+
+    async def wait_for_change(self, version: int, timeout: float) -> None:
+        """Return once ``version`` differs from `version` (within WATCH_INTERVAL of the file's
+        change), or after `timeout` seconds."""
+        self.get("")  # a change since the caller's look counts too
+        if self.version != version:
+            return
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        changed = self._changed
+        self._waiting += 1
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
+        finally:
+            self._waiting -= 1
+
+    async def _watch(self) -> None:
+        """While anyone waits: stat the file every WATCH_INTERVAL (get() re-reads it on change)."""
+        while self._waiting:
+            await asyncio.sleep(WATCH_INTERVAL)
+            self.get("")
+        self._watcher = None

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import guards, upstream
-from .cache import MAX_CACHED_BODY, ResponseCache, cacheable_max_age
+from .cache import MAX_CACHED_BODY, Entry, Flight, Flights, ResponseCache, freshness
 from .config import Config, ListenAddress, Route
 from .forward import (
     BodyTimeout,
@@ -53,6 +53,8 @@ REGISTRY_WATCH_INTERVAL = 0.25
 STREAM_SMALL_BODY = 64 * 1024
 # Seconds a guest may leave a streamed answer unread before it is cut off.
 GUEST_WRITE_TIMEOUT = 10
+# A GET that fails with one of these (or with no answer at all) may be answered stale (RFC 5861).
+STALE_IF_STATUS = frozenset({500, 502, 503, 504})
 
 
 OWNER_KEY = "metadata_proxy.owner"  # the scope key GuestProtocol puts a ConnectionOwner under
@@ -181,6 +183,7 @@ class ProxyApp:
         self._watcher: asyncio.Task[None] | None = None
         self.limiter = Limiter(config.limits)
         self.cache = ResponseCache(config.cache.max_entries_per_vm, config.cache.max_bytes)
+        self.flights = Flights()
         self.configure(config, client)
 
     def configure(self, config: Config, client: upstream.Upstream) -> None:
@@ -379,29 +382,109 @@ class ProxyApp:
     # -- forwarding ---------------------------------------------------------------------
 
     async def forward(self, ex: Exchange, route: Route, raw_path: bytes, length: int | None) -> None:
+        """To the control plane: a GET through the VM's cache (`forward_get`), anything else
+        straight through (`call`, then `relay`)."""
         vm = ex.vm
         assert vm is not None
         if vm.token_exp is not None and vm.token_exp <= time.time():
             return await ex.refuse(TOKEN_EXPIRED)
-        scope = ex.scope
-        method: str = scope["method"]
-        query: bytes = scope.get("query_string", b"")
+        query: bytes = ex.scope.get("query_string", b"")
         # `{control_plane.url}` + the guest's path: the url's own path, if any, is a prefix.
         path = self.upstream_prefix + raw_path
         target = path + b"?" + query if query else path
+        if ex.scope["method"] == "GET" and self.cache.enabled:
+            return await self.forward_get(ex, route, raw_path, target)
+        try:
+            response = await self.call(ex, route, target, length)
+        except upstream.UpstreamError as exc:
+            return await self.upstream_failed(ex, exc)
+        if response is not None:
+            await self.relay(ex, response)
+
+    async def forward_get(self, ex: Exchange, route: Route, raw_path: bytes, target: bytes) -> None:
+        """A GET: from the VM's cache when fresh; else, when the same VM's identical GET is in
+        flight, its answer if that is cacheable (or stale on its failure); else a call of our
+        own, which identical GETs arriving meanwhile wait for. Identical: same VM, same
+        byte-exact target (README, "Choices"); waiters keep their `max_concurrent` slot."""
+        vm = ex.vm
+        assert vm is not None
+        key = (vm.name, target)
+        try:
+            hit = self.cache.get(vm.name, target)
+            if hit is not None:
+                return await self.answer_from(ex, *hit, "hit")
+            ex.cache = "miss"
+            flight = None
+            if self.flights.coalesces(vm.name, raw_path):
+                leader = self.flights.in_flight(key)
+                if leader is None:
+                    flight = self.flights.take_off(key)
+                else:
+                    try:
+                        shared = await self.wait_for(ex, leader)
+                    except GuestDisconnected:
+                        ex.status, ex.cache = 499, None  # gone while waiting: nothing more to do
+                        return
+                    if shared is not None:
+                        entry, how = shared
+                        return await self.answer_from(ex, entry, self.cache.age(entry), how)
+                    # Not cacheable, or the call failed with nothing stale to serve: call on our own.
+            outcome: tuple[Entry, str] | None = None
+            try:
+                outcome = await self.fetch(ex, route, raw_path, target)
+            finally:
+                if flight is not None:
+                    self.flights.land(key, flight, outcome)
+        finally:
+            if ex.cache:
+                self.metrics.count(self.metrics.cache, ex.cache)
+
+    async def wait_for(self, ex: Exchange, flight: Flight) -> tuple[Entry, str] | None:
+        """The outcome of the identical call in flight; GuestDisconnected if our guest leaves first."""
+        outcome = flight.outcome()
+        watcher = asyncio.ensure_future(_until_disconnect(ex.receive))
+        try:
+            await asyncio.wait((outcome, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if outcome.done():
+            return outcome.result()
+        raise GuestDisconnected
+
+    async def fetch(self, ex: Exchange, route: Route, raw_path: bytes, target: bytes) -> tuple[Entry, str] | None:
+        """A GET the cache missed: call, answer the guest (stale if the call fails and an entry
+        allows it), store what may be cached. Returns what waiters for this call may answer."""
+        vm = ex.vm
+        assert vm is not None
+        try:
+            response = await self.call(ex, route, target, None)
+        except upstream.UpstreamError as exc:
+            stale = await self.answer_stale(ex, vm, target)
+            if stale is None:
+                await self.upstream_failed(ex, exc)
+            return stale
+        if response is None:
+            return None
+        if response.status in STALE_IF_STATUS:
+            stale = await self.answer_stale(ex, vm, target, response)
+            if stale is not None:
+                return stale
+        entry = await self.relay(ex, response, target)
+        if response.status < 500:  # an outage must not turn coalescing off
+            self.flights.answered(vm.name, raw_path, entry is not None)
+        return None if entry is None else (entry, "shared")
+
+    async def call(self, ex: Exchange, route: Route, target: bytes, length: int | None) -> upstream.Response | None:
+        """The upstream call, with the runtime token attached: the response (the caller must
+        relay or close it), or None when the guest was answered already (its body refused or
+        stalled) or went away. Raises UpstreamError when the call fails."""
+        vm = ex.vm
+        assert vm is not None
+        method: str = ex.scope["method"]
         # Where the runtime token gets attached.
         headers = upstream_headers(
-            scope["headers"], token=vm.token, peer=ex.peer, host_id=self.config.host_id, request_id=ex.request_id
+            ex.scope["headers"], token=vm.token, peer=ex.peer, host_id=self.config.host_id, request_id=ex.request_id
         )
-
-        if method == "GET" and self.cache.enabled:
-            hit = self.cache.get(vm.name, target)
-            ex.cache = "miss" if hit is None else "hit"
-            self.metrics.count(self.metrics.cache, ex.cache)
-            if hit is not None:
-                entry, age = hit
-                return await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
-
         reader = RequestBody(ex.receive, route.max_body_bytes)
         try:
             # No body on GET/HEAD; a small body whole (one write, retryable); a large one streamed.
@@ -410,7 +493,7 @@ class ProxyApp:
                 prefetched = await reader.prefetch()
                 body = reader.chunks() if prefetched is None else prefetched
             started = time.perf_counter()
-            response = await self.client.request(
+            request = self.client.request(
                 method,
                 target,
                 headers,
@@ -422,42 +505,79 @@ class ProxyApp:
                 # GET that crashed it is not replayed, and a refused client certificate fails
                 # at once instead of after the whole retry budget.
             )
+            if body is None and route.timeout > self.config.control_plane.timeout:
+                response = await _held(ex, request)  # a long-poll route
+            else:
+                response = await request
         except BodyTooLarge:
-            return await self.refuse_body(ex, reader)
+            await self.refuse_body(ex, reader)
+            return None
         except BodyTimeout:
-            return await ex.refuse(guards.REQUEST_TIMEOUT, ((b"connection", b"close"),))
+            await ex.refuse(guards.REQUEST_TIMEOUT, ((b"connection", b"close"),))
+            return None
         except GuestDisconnected:
             ex.status = 499
-            return
-        except upstream.UpstreamError as exc:
-            refusal = refusal_for(exc)
-            self.metrics.upstream_errors.labels(refusal.code).inc()
-            log.warning("upstream %s for %s (request %s): %s", refusal.code, vm.name, ex.request_id, exc)
-            return await ex.refuse(refusal)
+            return None
         self.metrics.observe_upstream(time.perf_counter() - started)
+        return response
 
+    async def upstream_failed(self, ex: Exchange, exc: upstream.UpstreamError) -> None:
+        refusal = refusal_for(exc)
+        self.metrics.upstream_errors.labels(refusal.code).inc()
+        vm = ex.vm.name if ex.vm else ""
+        log.warning("upstream %s for %s (request %s): %s", refusal.code, vm, ex.request_id, exc)
+        await ex.refuse(refusal)
+
+    async def answer_from(self, ex: Exchange, entry: Entry, age: int, how: str) -> None:
+        """Answer from a cache entry (`how`: hit, shared, stale), with its Age."""
+        ex.cache = how
+        await ex.respond(entry.status, [*entry.headers, (b"age", b"%d" % age)], entry.body)
+
+    async def answer_stale(
+        self, ex: Exchange, vm: VM, target: bytes, response: upstream.Response | None = None
+    ) -> tuple[Entry, str] | None:
+        """After a failed call (an error, or `response` with a 5xx): the entry still within its
+        stale-if-error window, answered, if the VM still holds its address with the same token."""
+        found = self.cache.get_stale(vm.name, target)
+        if found is None or not self.still_registered(ex.peer, vm):
+            return None
+        if response is not None:
+            ex.upstream_status = response.status
+            await response.aclose()
+        entry, age = found
+        log.warning("control plane failed for %s (request %s): answered stale, %d s old", vm.name, ex.request_id, age)
+        await self.answer_from(ex, entry, age, "stale")
+        return entry, "stale"
+
+    async def relay(self, ex: Exchange, response: upstream.Response, target: bytes | None = None) -> Entry | None:
+        """Pass the response to the guest; with `target` (a GET), store it in the VM's cache if
+        cacheable. Returns the stored entry, if any. Always closes the response."""
+        vm = ex.vm
+        assert vm is not None
         try:
             ex.upstream_status = response.status
             out = response_headers(response.headers, ex.request_id.encode())
             ex.status = response.status
             answer_length = _content_length(out)
-            max_age = cacheable_max_age(response.status, out) if ex.cache else None
-            if max_age and answer_length is not None and answer_length <= MAX_CACHED_BODY:
+            lifetime = freshness(response.status, out) if target is not None else None
+            entry = None
+            if lifetime and answer_length is not None and answer_length <= MAX_CACHED_BODY:
+                assert target is not None
                 data = await response.read()
                 # Re-keyed or removed during the call: the answer (fetched with the old token)
                 # must not be served to a request that begins after the change.
                 if self.still_registered(ex.peer, vm):
                     stored = [(name, value) for name, value in out if name not in (b"content-length", b"x-request-id")]
-                    self.cache.put(vm.name, target, response.status, stored, data, max_age)
-            elif method == "HEAD" or (answer_length is not None and answer_length <= STREAM_SMALL_BODY):
-                data = b"" if method == "HEAD" else await response.read()
+                    stale = min(lifetime[1], self.config.cache.stale_if_error_max)
+                    entry = self.cache.put(vm.name, target, response.status, stored, data, lifetime[0], stale)
+            elif ex.scope["method"] == "HEAD" or (answer_length is not None and answer_length <= STREAM_SMALL_BODY):
+                data = b"" if ex.scope["method"] == "HEAD" else await response.read()
             else:
                 data = None
-            if data is not None:
-                await ex.send({"type": "http.response.start", "status": response.status, "headers": out})
-                await ex.send({"type": "http.response.body", "body": data})
-                return
             await ex.send({"type": "http.response.start", "status": response.status, "headers": out})
+            if data is not None:
+                await ex.send({"type": "http.response.body", "body": data})
+                return entry
             async for chunk in response.iter_body():
                 # A guest that stops reading must not hold a pooled upstream connection for ever.
                 async with asyncio.timeout(GUEST_WRITE_TIMEOUT):
@@ -477,6 +597,7 @@ class ProxyApp:
             ex.code = refusal_for(exc).code
         finally:
             await response.aclose()
+        return None
 
     async def refuse_body(self, ex: Exchange, reader: RequestBody) -> None:
         """413 at once, then a lingering close: a bounded amount of the rest of the body is
@@ -534,6 +655,38 @@ class ProxyApp:
                     self._watcher.cancel()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    """Returns when the guest's connection is gone (its request body, if any, is dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _held(ex: Exchange, call: Awaitable[upstream.Response]) -> upstream.Response:
+    """`call` (a bodiless request on a long-poll route), abandoned at once, with its upstream
+    connection closed, when the guest goes away: a held request must not keep its
+    `max_concurrent` slot and an upstream connection to the route's timeout for nobody."""
+    current = asyncio.current_task()
+    assert current is not None
+    holding = True
+
+    def hang_up(watcher: asyncio.Future[None]) -> None:
+        if holding and not watcher.cancelled():
+            current.cancel()
+
+    watcher = asyncio.ensure_future(_until_disconnect(ex.receive))
+    watcher.add_done_callback(hang_up)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            current.uncancel()
+            raise GuestDisconnected from None
+        raise
+    finally:
+        holding = False
+        watcher.cancel()
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

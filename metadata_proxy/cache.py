@@ -1,13 +1,23 @@
-"""The per-VM response cache for GETs the control plane marks `Cache-Control: max-age=N`.
+"""The per-VM response cache for GETs the control plane marks `Cache-Control: max-age=N`,
+and the calls in flight that identical misses wait for.
 
 An entry is keyed by (VM name, request target) and never served to another VM; the app
 drops a VM's entries when its token changes or it is removed. Bounded twice: entries per
 VM (the VM's oldest goes first) and bytes across all VMs (the least recently used goes
-first), both with cachetools' LRU bookkeeping.
+first), both with cachetools' LRU bookkeeping. An entry whose answer said
+`stale-if-error=S` (RFC 5861) stays past its freshness for S more seconds (capped by
+`[cache] stale_if_error_max`), within the same bounds, for `get_stale` to serve when the
+control plane fails.
+
+`Flights` are the GETs in flight to the control plane, per (VM, target): an identical miss
+waits for the one in flight instead of calling again. A target whose answer was not
+cacheable a moment ago (a long-poll, a `no-store` answer) is not waited for: its next
+identical GET would only wait to call again itself (Varnish's "hit-for-miss").
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -28,6 +38,7 @@ class Entry:
     body: bytes
     stored: float
     max_age: int
+    stale_if_error: float = 0.0  # seconds past max_age it may still be served when a call fails
 
     @property
     def size(self) -> int:
@@ -36,9 +47,20 @@ class Entry:
 
 def cacheable_max_age(status: int, headers: Sequence[tuple[bytes, bytes]]) -> int | None:
     """max-age when a GET answer may be cached (200, no Vary, no no-store/no-cache), else None."""
+    lifetime = freshness(status, headers)
+    return lifetime[0] if lifetime else None
+
+
+def freshness(status: int, headers: Sequence[tuple[bytes, bytes]]) -> tuple[int, int] | None:
+    """(max-age, stale-if-error) when a GET answer may be cached, else None.
+
+    Cacheable: 200, no Vary, no no-store/no-cache, max-age > 0. stale-if-error (RFC 5861)
+    is 0 when absent or malformed; the caller caps it.
+    """
     if status != 200:
         return None
     max_age: int | None = None
+    stale = 0
     for name, value in headers:
         if name == b"vary":
             return None
@@ -52,7 +74,9 @@ def cacheable_max_age(status: int, headers: Sequence[tuple[bytes, bytes]]) -> in
                 if not argument.isdigit():
                     return None
                 max_age = int(argument)
-    return max_age if max_age else None
+            elif key == b"stale-if-error" and argument.isdigit():
+                stale = int(argument)
+    return (max_age, stale) if max_age else None
 
 
 class _LRU(LRUCache[Key, Entry]):
@@ -86,6 +110,13 @@ class ResponseCache:
 
     def get(self, vm: str, target: bytes) -> tuple[Entry, int] | None:
         """A fresh entry and its age in whole seconds, or None."""
+        return self._lookup(vm, target, stale=False)
+
+    def get_stale(self, vm: str, target: bytes) -> tuple[Entry, int] | None:
+        """An entry still within its stale-if-error window, and its age: for a failed call only."""
+        return self._lookup(vm, target, stale=True)
+
+    def _lookup(self, vm: str, target: bytes, stale: bool) -> tuple[Entry, int] | None:
         targets = self._per_vm.get(vm)
         if targets is None or target not in targets:
             return None  # the usual answer, without cachetools' bookkeeping
@@ -93,17 +124,27 @@ class ResponseCache:
         if entry is None:
             return None
         age = self._clock() - entry.stored
-        if age >= entry.max_age:
-            self.discard(vm, target)
+        if age >= entry.max_age + entry.stale_if_error:
+            self.discard(vm, target)  # past any use: it goes on the read that finds it
             return None
+        if age >= entry.max_age and not stale:
+            return None  # kept for a failed call to serve
         return entry, int(age)
 
     def put(
-        self, vm: str, target: bytes, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes, max_age: int
-    ) -> None:
-        entry = Entry(status, tuple(headers), body, self._clock(), max_age)
+        self,
+        vm: str,
+        target: bytes,
+        status: int,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        max_age: int,
+        stale_if_error: float = 0.0,
+    ) -> Entry | None:
+        """Store an answer; the entry, or None when it cannot be stored (too large, cache off)."""
+        entry = Entry(status, tuple(headers), body, self._clock(), max_age, stale_if_error)
         if not self.enabled or entry.size > self._entries.maxsize:
-            return
+            return None
         self._entries[(vm, target)] = entry  # may evict entries (any VM's) for space
         targets = self._per_vm.setdefault(vm, OrderedDict())
         targets[target] = None
@@ -111,6 +152,10 @@ class ResponseCache:
         while len(targets) > self.max_entries_per_vm:
             oldest = next(iter(targets))
             self.discard(vm, oldest)
+        return entry
+
+    def age(self, entry: Entry) -> int:
+        return int(self._clock() - entry.stored)
 
     def discard(self, vm: str, target: bytes) -> None:
         self._entries.pop((vm, target), None)
@@ -126,3 +171,75 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+# How long a target that answered something uncacheable is not waited for, and how many such
+# targets are remembered (past that, the expired go, then all: the cost is only a wait).
+UNCACHEABLE_SECONDS = 60.0
+MAX_UNCACHEABLE = 4096
+
+
+class Flight:
+    """One GET in flight to the control plane. Waiters take `outcome()`, resolved by `land`:
+    an entry to answer with and how ("shared" or "stale"), or None (call on your own)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[tuple[Entry, str] | None] | None = None  # made by the first waiter
+
+    def outcome(self) -> asyncio.Future[tuple[Entry, str] | None]:
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        return self._future
+
+    def land(self, result: tuple[Entry, str] | None) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(result)
+
+
+class Flights:
+    """The GETs in flight per (VM name, target), and the targets not worth waiting for."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._flying: dict[Key, Flight] = {}
+        self._uncacheable: dict[tuple[str, bytes], float] = {}  # (VM, path) -> when it last answered so
+
+    def coalesces(self, vm: str, path: bytes) -> bool:
+        """False when `path` answered `vm` uncacheably lately: nobody should wait for such a call."""
+        marked = self._uncacheable.get((vm, path)) if self._uncacheable else None
+        return marked is None or self._clock() - marked >= UNCACHEABLE_SECONDS
+
+    def in_flight(self, key: Key) -> Flight | None:
+        return self._flying.get(key)
+
+    def take_off(self, key: Key) -> Flight | None:
+        """Register the caller's call as the one in flight for `key` (None if one already is)."""
+        if key in self._flying:
+            return None
+        flight = self._flying[key] = Flight()
+        return flight
+
+    def land(self, key: Key, flight: Flight, result: tuple[Entry, str] | None) -> None:
+        if self._flying.get(key) is flight:
+            del self._flying[key]
+        flight.land(result)
+
+    def answered(self, vm: str, path: bytes, cacheable: bool) -> None:
+        """Remember whether `path` answers `vm` cacheably (only the uncacheable are kept)."""
+        marks = self._uncacheable
+        if cacheable:
+            if marks:
+                marks.pop((vm, path), None)
+            return
+        now = self._clock()
+        if len(marks) >= MAX_UNCACHEABLE and (vm, path) not in marks:
+            for key in [key for key, when in marks.items() if now - when >= UNCACHEABLE_SECONDS]:
+                del marks[key]
+            if len(marks) >= MAX_UNCACHEABLE:
+                marks.clear()
+        marks[(vm, path)] = now
+
+    def __len__(self) -> int:
+        return len(self._flying)

@@ -7,6 +7,7 @@ Where the runtime token gets attached: `upstream_headers()`, nowhere else.
 from __future__ import annotations
 
 import asyncio
+import resource
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -200,6 +201,22 @@ class RequestBody:
         return True
 
 
+# Upstream connections at most. HTTP/1.1 holds one connection per request in flight, and a
+# long-poll is in flight for minutes: thousands of guests waiting need thousands of upstream
+# connections. Bounded by half the process's file descriptors (the other half serves
+# guests), and by this, so that a flood still cannot take the control plane's sockets.
+MAX_UPSTREAM_CONNECTIONS = 16384
+MIN_UPSTREAM_CONNECTIONS = 256
+
+
+def upstream_connections() -> int:
+    """The upstream pool's size: half the open-file limit, within the bounds above."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_UPSTREAM_CONNECTIONS
+    return max(MIN_UPSTREAM_CONNECTIONS, min(MAX_UPSTREAM_CONNECTIONS, soft // 2))
+
+
 def build_client(config: ControlPlane) -> upstream.Upstream:
     """The long-lived upstream client for `config`: TLS always verified, optional mTLS."""
     context: ssl.SSLContext | None = None
@@ -207,4 +224,10 @@ def build_client(config: ControlPlane) -> upstream.Upstream:
         context = ssl.create_default_context(cafile=config.ca_file or None)
         if config.client_cert:
             context.load_cert_chain(config.client_cert, config.client_key)
-    return upstream.Upstream(config.url, timeout=config.timeout, retry_budget=config.retry_budget, ssl_context=context)
+    return upstream.Upstream(
+        config.url,
+        timeout=config.timeout,
+        retry_budget=config.retry_budget,
+        ssl_context=context,
+        max_connections=upstream_connections(),
+    )

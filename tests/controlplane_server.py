@@ -17,6 +17,9 @@ counter wraps it::
                                  30) answers {"vm_id", "token_fingerprint", "served": <answers of
                                  this route so far>} with ``Cache-Control: max-age=N, D, ...``
                                  (each given part; none given: no Cache-Control), status C (default 200)
+    GET  /_test/cached_status?status=C
+                                 from now on /runtime/cached answers status C whatever its query
+                                 says (0: as the query says), for the proxy's stale-if-error tests
     GET  /_test/requests         {"count": n}: requests to /runtime/ paths received so far,
                                  counted before any check, to prove that nothing reached the
                                  control plane; ``?path=P``: only the requests for path P
@@ -45,6 +48,9 @@ from controlplane.tokens import fingerprint
 
 MAX_SLOW_SECONDS = 30.0
 COUNTER_PATH = "/_test/requests"
+CACHED_STATUS_PATH = "/_test/cached_status"
+# Set through CACHED_STATUS_PATH: the status every /runtime/cached answer takes (0: its query's).
+_forced_status = [0]
 
 
 def _shown(name: bytes, value: bytes) -> list[str]:
@@ -117,6 +123,8 @@ def cached_endpoint() -> Callable[[Request], Awaitable[Response]]:
             return error_response(400, "bad_request", "delay must be a non-negative number, status 200..599")
         await anyio.sleep(delay)
         body = {"vm_id": claims.sub, "token_fingerprint": fingerprint(bearer_token(request)), "served": next(served)}
+        if _forced_status[0]:
+            code = str(_forced_status[0])
         return JSONResponse(body, status_code=int(code), headers={"Cache-Control": ", ".join(parts)} if parts else None)
 
     return cached
@@ -160,6 +168,9 @@ class CountRequests:
             path = Request(scope).query_params.get("path")
             count = self.seen if path is None else self.by_path[path]
             return await JSONResponse({"count": count})(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == CACHED_STATUS_PATH:
+            _forced_status[0] = int(Request(scope).query_params.get("status", "0"))
+            return await JSONResponse({"status": _forced_status[0]})(scope, receive, send)
         if scope["type"] == "http" and scope["path"].startswith("/runtime/"):
             self.seen += 1
             self.by_path[scope["path"]] += 1

@@ -502,7 +502,8 @@ async def test_burst_then_429_and_other_vms_unaffected(cp: ControlPlane, registr
 async def test_max_concurrent_and_other_vms_unaffected(cp: ControlPlane, registry: Path) -> None:
     async with proxy_app(cp, registry, max_concurrent=2) as app, guest(app, A) as a, guest(app, B) as b:
         before = seen(cp)
-        slow = [asyncio.create_task(a.get("/runtime/slow?seconds=2", headers=META)) for _ in range(2)]
+        # Two different targets: identical GETs would share one call (forward_get).
+        slow = [asyncio.create_task(a.get(f"/runtime/slow?seconds=2&n={n}", headers=META)) for n in range(2)]
         while seen(cp) < before + 2:  # both reached the control plane
             await asyncio.sleep(0.01)
         response = await refused(cp, lambda: a.get("/runtime/whoami", headers=META), 429, "rate_limited")

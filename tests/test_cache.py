@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from metadata_proxy.cache import ResponseCache, cacheable_max_age
+from metadata_proxy.cache import UNCACHEABLE_SECONDS, Flights, ResponseCache, cacheable_max_age, freshness
 
 
 class Clock:
@@ -114,3 +116,67 @@ def test_zero_bounds_disable_the_cache() -> None:
         assert not cache.enabled
         put(cache, "a", b"/t")
         assert cache.get("a", b"/t") is None
+
+
+def test_stale_if_error_is_parsed_with_max_age() -> None:
+    headers = [(b"cache-control", b"max-age=30, stale-if-error=600")]
+    assert freshness(200, headers) == (30, 600)
+    assert freshness(200, [(b"cache-control", b"max-age=30, stale-if-error=x")]) == (30, 0)
+    assert freshness(200, [(b"cache-control", b"stale-if-error=600")]) is None  # no freshness at all
+    assert freshness(503, headers) is None
+
+
+def test_an_entry_with_stale_if_error_is_kept_past_freshness_for_get_stale_only() -> None:
+    clock = Clock()
+    cache = ResponseCache(8, 1 << 20, clock)
+    cache.put("a", b"/t", 200, [], b"old", 2, 5)
+    put(cache, "a", b"/plain", max_age=2)
+    clock.now += 3
+    assert cache.get("a", b"/t") is None  # not fresh
+    stale = cache.get_stale("a", b"/t")
+    assert stale is not None and stale[0].body == b"old" and stale[1] == 3
+    assert cache.get_stale("b", b"/t") is None  # never another VM's
+    assert cache.get_stale("a", b"/plain") is None and len(cache) == 1  # no window: gone
+    clock.now += 4  # 7 s old: past 2 + 5
+    assert cache.get_stale("a", b"/t") is None
+    assert len(cache) == 0
+
+
+def test_stale_entries_count_against_the_per_vm_bound() -> None:
+    clock = Clock()
+    cache = ResponseCache(2, 1 << 20, clock)
+    cache.put("a", b"/1", 200, [], b"", 1, 100)
+    clock.now += 10
+    cache.put("a", b"/2", 200, [], b"", 1, 100)
+    cache.put("a", b"/3", 200, [], b"", 1, 100)
+    assert cache.get_stale("a", b"/1") is None
+    assert cache.get_stale("a", b"/2") is not None
+
+
+def test_flights_land_once_for_every_waiter() -> None:
+    asyncio.run(_flights_land_once())
+
+
+async def _flights_land_once() -> None:
+    flights = Flights()
+    key = ("a", b"/t")
+    flight = flights.take_off(key)
+    assert flight is not None and flights.take_off(key) is None and flights.in_flight(key) is flight
+    first, second = flight.outcome(), flight.outcome()
+    assert first is second  # one future, however many wait
+    flights.land(key, flight, None)
+    assert first.result() is None and flights.in_flight(key) is None and len(flights) == 0
+
+
+def test_an_uncacheable_path_is_not_coalesced_for_a_while() -> None:
+    clock = Clock()
+    flights = Flights(clock)
+    assert flights.coalesces("a", b"/poll")
+    flights.answered("a", b"/poll", cacheable=False)
+    assert not flights.coalesces("a", b"/poll")
+    assert flights.coalesces("b", b"/poll")  # per VM
+    clock.now += UNCACHEABLE_SECONDS
+    assert flights.coalesces("a", b"/poll")
+    flights.answered("a", b"/poll", cacheable=False)
+    flights.answered("a", b"/poll", cacheable=True)  # cacheable again: coalesced again
+    assert flights.coalesces("a", b"/poll")
