@@ -186,7 +186,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._in_head = False  # the timer, if it fires before the next head, finds nothing to do
         super().on_headers_complete()
         if self._close_after_first and self.cycle is not None:
-            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+            self.cycle.keep_alive = False  # answered, then closed
 
     def shutdown(self) -> None:
         """The server drains (SIGTERM): uvicorn closes every connection that has no request
@@ -194,8 +194,8 @@ class GuestProtocol(HttpToolsProtocol):
         its request possibly already on the way: the guest cannot tell it from a connection
         still in the listening queue, which the next process serves (socket activation:
         a restart or an upgrade), and must not get a close without an answer. So its first
-        request is answered, with Connection: close; one that sends nothing is closed by the
-        head deadline, which the drain outlasts."""
+        request is answered and the connection closed after it; one that sends nothing is
+        closed by the head deadline, which the drain outlasts."""
         if not self._heads_begun and not self.transport.is_closing():
             self._close_after_first = True
             return

@@ -4,7 +4,7 @@
 #      on unknown keys and unparsable values and only prints a warning, so any line it
 #      prints is a failure here;
 #   2. `systemd-analyze security --offline=yes` rates metadata-proxy.service at most
-#      $MAX_EXPOSURE (default 1.5, SPEC section 8);
+#      $MAX_EXPOSURE (default 1.5, what the project promises);
 #   3. the sysusers.d and tmpfiles.d files, applied to a scratch root, create the user,
 #      the group and the directories with the intended owner and mode.
 # Every check runs, and all failures are reported; exit 0 when all passed, 1 otherwise.
