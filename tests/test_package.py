@@ -256,6 +256,18 @@ def test_install_with_no_network(box: Container) -> None:
     box.run(f"cd /root && {readme_block('deb-install')}", timeout=120)
 
     assert box.run("dpkg-query -W -f '${Version} ${db:Status-Status}' metadata-proxy").stdout == f"{VERSION} installed"
+    depends = box.run("dpkg-query -W -f '${Depends}' metadata-proxy").stdout.split(", ")
+    assert {"python3 (>= 3.11~)", "nftables", "iproute2", "conntrack"} <= set(depends)
+    # Where Debian looks for them; the units run the packaged entry points.
+    box.run(
+        "cd /usr/lib && test -f systemd/system/metadata-proxy.socket -a -f systemd/system/metadata-proxy-host.service"
+        " -a -f sysusers.d/metadata-proxy.conf -a -f tmpfiles.d/metadata-proxy.conf"
+        " -a -f /usr/share/doc/metadata-proxy/examples/config.toml -a -f /usr/share/doc/metadata-proxy/copyright"
+    )
+    assert (
+        "ExecStart=/usr/bin/metadata-proxy serve"
+        in box.run("cat /usr/lib/systemd/system/metadata-proxy.service").stdout
+    )
     # The venv runs on Debian's interpreter, and the entry points are in /usr/bin.
     assert box.run("readlink -f /opt/metadata-proxy/bin/python").stdout.strip() == "/usr/bin/python3.11"
     for tool in ("metadata-proxy", "hostagent", "controlplane"):
