@@ -151,9 +151,14 @@ def readme_block(name: str) -> str:
     return match.group(1)
 
 
+# pip's cache in the checkout, as scripts/setup keeps it: nothing outside the checkout changes.
+PIP_ENV = {**os.environ, "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(REPO / ".cache" / "pip"))}
+
+
 def build_deb(out: Path, version: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [str(REPO / "scripts" / "build-deb"), "--version", version, "--out", str(out)],
+        env=PIP_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -507,8 +512,9 @@ def wheelhouse(tmp_path: Path) -> Path:
     """The project's wheel, its dependencies and the build backend, for a pip with no index."""
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "-w", str(wheels), "-c", str(REPO / "constraints.txt"), str(REPO)], check=True)
-    subprocess.run([*pip, "download", "-d", str(wheels), "hatchling"], check=True)
+    constraints = str(REPO / "constraints.txt")
+    subprocess.run([*pip, "wheel", "-w", str(wheels), "-c", constraints, str(REPO)], check=True, env=PIP_ENV)
+    subprocess.run([*pip, "download", "-d", str(wheels), "hatchling"], check=True, env=PIP_ENV)
     return wheels
 
 
