@@ -172,10 +172,14 @@ class Debs:
 
 
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
+def tools() -> None:
     for tool in ("systemd-nspawn", "mmdebstrap", "dpkg-deb", "nsenter"):
         if shutil.which(tool) is None:
             _missing(f"{tool} is not installed")
+
+
+@pytest.fixture(scope="module")
+def debs(tools: None, tmp_path_factory: pytest.TempPathFactory) -> Debs:
     out = tmp_path_factory.mktemp("debs")
     builds = [build_deb(out / "first", VERSION), build_deb(out / "upgrade", UPGRADE_VERSION)]
     paths = []
@@ -518,7 +522,7 @@ def wheelhouse(tmp_path: Path) -> Path:
     return wheels
 
 
-def test_readme_pip_route_and_trial(debs: Debs, wheelhouse: Path) -> None:
+def test_readme_pip_route_and_trial(tools: None, wheelhouse: Path) -> None:
     container = Container("pip")
     try:
         checkout = container.root / "root" / "metadata-proxy"
