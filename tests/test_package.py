@@ -304,6 +304,8 @@ def test_configure_and_boot_in_order(box: Container) -> None:
     box.run(
         "install -d -m 0700 /etc/controlplane && head -c 32 /dev/urandom | base64 >/etc/controlplane/secret"
         " && systemctl daemon-reload && systemctl enable --now controlplane.service test-vm-netns.service"
+        # Debian's firewall unit, whose `flush ruleset` at boot must not remove our table.
+        " && systemctl enable nftables.service"
     )
     out = box.run(f"export EDITOR=test-editor\n{readme_block('configure-deb')}").stdout
     assert "/etc/metadata-proxy/config.toml: ok: host_id ct-host" in out
@@ -322,8 +324,12 @@ def test_configure_and_boot_in_order(box: Container) -> None:
     host_started = int(show(box, "metadata-proxy-host.service", "InactiveExitTimestampMonotonic"))
     socket_up = int(show(box, "metadata-proxy.socket", "ActiveEnterTimestampMonotonic"))
     assert 0 < netns_done <= host_started < host_done <= socket_up
+    firewall_done = int(show(box, "nftables.service", "ActiveEnterTimestampMonotonic"))
+    assert 0 < firewall_done <= host_started
+    assert "table inet metadata_proxy_host" in box.run("nft list tables").stdout
     journal = box.run("journalctl -b -u metadata-proxy-host -o cat").stdout
     assert "host setup: done" in journal and "reconcile: 0 applied, 0 missing, 0 failed" in journal
+    assert "ordering cycle" not in box.run("journalctl -b -o cat").stdout.lower()
 
 
 # --- guests ---------------------------------------------------------------------------
