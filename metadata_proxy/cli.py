@@ -78,7 +78,7 @@ def _metrics_storage(workers: int) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_input_files(config)
-    setup_logging()
+    setup_logging(syslog_prefix=systemd.connected_to_journal(os.environ, sys.stdout))
     metrics_dir = _metrics_storage(config.workers)
     admin: socket.socket | None = None
     try:

@@ -125,7 +125,28 @@ class AccessLog:
             stream.flush()
 
 
+# sd-daemon(3) priorities. journald files a stdout line at info unless the line starts
+# with "<N>" (SyslogLevelPrefix=, on by default), which it strips and keeps as PRIORITY:
+# so `journalctl -p warning` finds our warnings and errors.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def _priority(levelno: int) -> int:
+    for level, priority in _PRIORITIES:
+        if levelno >= level:
+            return priority
+    return 7  # debug
+
+
 class JsonFormatter(logging.Formatter):
+    """A lifecycle line as one JSON object; with `syslog_prefix` (stdout is the journal),
+    preceded by its sd-daemon priority, which journald strips. Request lines (AccessLog)
+    carry none: they are info, journald's default."""
+
+    def __init__(self, *, syslog_prefix: bool = False) -> None:
+        super().__init__()
+        self.syslog_prefix = syslog_prefix
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": _now(),
@@ -137,14 +158,16 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
+        text = json.dumps(entry, separators=(",", ":"))  # one line: newlines inside are escaped
+        return f"<{_priority(record.levelno)}>{text}" if self.syslog_prefix else text
 
 
-def setup_logging(stream: TextIO | None = None, level: int = logging.INFO) -> None:
+def setup_logging(stream: TextIO | None = None, level: int = logging.INFO, *, syslog_prefix: bool = False) -> None:
     """Route every logger (ours, uvicorn's, asyncio's) through JsonFormatter to `stream`
-    (stdout), so that no line in the journal is anything but JSON."""
+    (stdout), so that no line in the journal is anything but JSON; `syslog_prefix` when
+    that stream is the journal (systemd.connected_to_journal)."""
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(syslog_prefix=syslog_prefix))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)  # other libraries: what needs attention only

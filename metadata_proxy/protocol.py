@@ -127,6 +127,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads_begun = 0
         self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
+        self._close_after_first = False  # see shutdown
         # uvicorn's self.transport from here on.
         self._writes = CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
         super().connection_made(self._writes)  # type: ignore[arg-type]
@@ -183,6 +184,21 @@ class GuestProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False  # the timer, if it fires before the next head, finds nothing to do
         super().on_headers_complete()
+        if self._close_after_first and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered, then closed
+
+    def shutdown(self) -> None:
+        """The server drains (SIGTERM): uvicorn closes every connection that has no request
+        in flight. One that has not begun its first request was accepted a moment before,
+        its request possibly already on the way: the guest cannot tell it from a connection
+        still in the listening queue, which the next process serves (socket activation:
+        a restart or an upgrade), and must not get a close without an answer. So its first
+        request is answered and the connection closed after it; one that sends nothing is
+        closed by the head deadline, which the drain outlasts."""
+        if not self._heads_begun and not self.transport.is_closing():
+            self._close_after_first = True
+            return
+        super().shutdown()
 
     def _head_timeout(self) -> None:
         self._head_timer = None

@@ -1,9 +1,10 @@
-"""systemd integration: readiness notification (sd_notify) and socket activation.
+"""systemd integration: readiness notification (sd_notify), socket activation, and
+whether stdout goes to the journal.
 
 Standard library only: the protocols are a few lines each, and libsystemd bindings would
 be a compiled dependency for that. Nothing here reads ``os.environ`` by itself; the
 server hands its environment in once at start-up (`Notifier.from_environ`,
-`listen_fds`).
+`listen_fds`, `connected_to_journal`).
 
 Errors::
 
@@ -16,15 +17,35 @@ serving, and systemd's own timeouts deal with a unit that never said READY=1.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import time
 from collections.abc import Mapping, MutableMapping
+from typing import IO
 
 # sd_listen_fds(3): passed descriptors start right after stdin, stdout and stderr.
 LISTEN_FDS_START = 3
 
 _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def connected_to_journal(environ: Mapping[str, str], stream: IO[str]) -> bool:
+    """True when `stream` is the journal stream systemd connected us to.
+
+    systemd.exec(5): ``$JOURNAL_STREAM`` holds the device and inode numbers of the stdout
+    or stderr it connected to journald; a program compares them with its own descriptor
+    (a shell redirection or a pipe inherits the variable but not the descriptor).
+    """
+    raw = environ.get("JOURNAL_STREAM", "")
+    device, _, inode = raw.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
 
 
 class SystemdError(Exception):

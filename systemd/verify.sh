@@ -4,15 +4,18 @@
 #      on unknown keys and unparsable values and only prints a warning, so any line it
 #      prints is a failure here;
 #   2. `systemd-analyze security --offline=yes` rates metadata-proxy.service at most
-#      $MAX_EXPOSURE (default 1.5, SPEC section 8);
+#      $MAX_EXPOSURE (default 1.5, what the project promises);
 #   3. the sysusers.d and tmpfiles.d files, applied to a scratch root, create the user,
 #      the group and the directories with the intended owner and mode.
 # Every check runs, and all failures are reported; exit 0 when all passed, 1 otherwise.
 #
 # Usage: systemd/verify.sh [DIR]   (DIR holds the files, default: this script's directory)
 #
-# verify checks that every ExecStart= binary exists, so /usr/local/bin/metadata-proxy and
-# /usr/local/bin/hostagent must be there first (.ci/run links them to the venv).
+# Nothing outside a temporary directory is read or written: the units are verified in a
+# scratch root (`systemd-analyze verify --root=`) laid out as the Debian package installs
+# them, /usr/lib/systemd/system, with stand-ins for the programs their Exec lines name
+# (verify checks that those exist and are executable; that the package really ships them
+# is tests/test_package.py's business, on the installed package).
 # Works with systemd 250 and newer (--offline and --threshold appeared in 250).
 set -u
 
@@ -29,15 +32,28 @@ fail() {
 systemd-analyze --version | head -n 1
 
 # --- 1. unit files ------------------------------------------------------------------------
-# --recursive-errors=no: judge our units only, not whatever else is installed on this
-# machine that they name (sysinit.target, nftables.service, ...).
-units="$dir/metadata-proxy.socket $dir/metadata-proxy.service $dir/metadata-proxy-host.service"
+root=$(mktemp -d) || exit 1
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root/etc" "$root/usr/lib/systemd/system"
+# The programs the units run: the package's entry points, and the shell of ExecReload=.
+for program in /usr/bin/metadata-proxy /usr/bin/hostagent /bin/sh; do
+    mkdir -p "$root$(dirname "$program")"
+    printf '#!/bin/sh\n' >"$root$program"
+    chmod 0755 "$root$program"
+done
+for unit in metadata-proxy.socket metadata-proxy.service metadata-proxy-host.service; do
+    cp "$dir/$unit" "$root/usr/lib/systemd/system/$unit"
+done
+units="$root/usr/lib/systemd/system/metadata-proxy.socket $root/usr/lib/systemd/system/metadata-proxy.service"
+units="$units $root/usr/lib/systemd/system/metadata-proxy-host.service"
+# --recursive-errors=no: judge our units only, not whatever else they name
+# (sysinit.target, nftables.service, ...).
 # shellcheck disable=SC2086  # word splitting of $units is intended
-if out=$(systemd-analyze verify --man=no --recursive-errors=no $units 2>&1) && [ -z "$out" ]; then
+if out=$(systemd-analyze verify --man=no --recursive-errors=no --root="$root" $units 2>&1) && [ -z "$out" ]; then
     echo "ok: systemd-analyze verify (socket, service, host oneshot)"
 else
     fail "systemd-analyze verify:"
-    printf '%s\n' "$out" >&2
+    printf '%s\n' "$out" | sed "s|$root||g" >&2
 fi
 
 # --- 2. exposure rating -------------------------------------------------------------------
@@ -61,9 +77,7 @@ else
 fi
 
 # --- 3. sysusers.d and tmpfiles.d, in a scratch root --------------------------------------
-root=$(mktemp -d) || exit 1
-trap 'rm -rf "$root"' EXIT
-mkdir -p "$root/etc"  # sysusers locks $root/etc/passwd and needs the directory
+# (the scratch root of step 1; sysusers locks $root/etc/passwd and needs the directory)
 if ! out=$(systemd-sysusers --root="$root" "$dir/metadata-proxy.sysusers.conf" 2>&1); then
     fail "systemd-sysusers:"
     printf '%s\n' "$out" >&2

@@ -6,13 +6,19 @@
 - Socket activation: a real `systemd-socket-activate` starts a child that calls
   `listen_fds`; and a child that puts sockets on fds 3 and 4 itself.
 
-A missing prerequisite (systemd tools, /usr/local/bin entry points, IPv6 loopback) skips
-a test on a developer machine and fails it under CI=true, where .ci/run provides them.
+- Journald: the priority prefix of lifecycle lines, and when stdout is the journal.
+
+A missing prerequisite (systemd tools, IPv6 loopback) skips a test on a developer machine
+and fails it under CI=true, where .ci/run provides them. verify.sh works in a scratch root
+(nothing of this machine's /usr or /etc is needed or touched); the units under a real
+systemd are tests/test_package.py's.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,12 +36,18 @@ from pathlib import Path
 
 import pytest
 
-from metadata_proxy.systemd import ListenFdsError, Notifier, listen_fds, listen_fds_with_names
+from metadata_proxy.logs import JsonFormatter
+from metadata_proxy.systemd import (
+    ListenFdsError,
+    Notifier,
+    connected_to_journal,
+    listen_fds,
+    listen_fds_with_names,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = REPO / "systemd"
 VERIFY = SYSTEMD_DIR / "verify.sh"
-ENTRY_POINTS = (Path("/usr/local/bin/metadata-proxy"), Path("/usr/local/bin/hostagent"))
 MAX_EXPOSURE = 1.5
 IN_CI = os.environ.get("CI") == "true"
 
@@ -109,9 +121,6 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 def test_verify_script_passes() -> None:
-    missing = [str(p) for p in ENTRY_POINTS if not os.access(p, os.X_OK)]
-    if missing:
-        _missing(f"systemd-analyze verify needs the entry points: {', '.join(missing)}")
     _need_offline_security()
     result = _run_verify(SYSTEMD_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -175,6 +184,24 @@ def test_verify_script_checks_the_registry_directory_mode(tmp_path: Path) -> Non
     result = _run_verify(units)
     assert result.returncode == 1
     assert "tmpfiles: /var/lib/metadata-proxy is '755 0 " in result.stderr
+
+
+def test_verify_script_fails_on_a_missing_program(tmp_path: Path) -> None:
+    # The scratch root has what the package installs in /usr/bin, nothing else.
+    units = _copy_units(tmp_path)
+    _edit(
+        units / "metadata-proxy.service", "ExecStart=/usr/bin/metadata-proxy", "ExecStart=/usr/local/bin/metadata-proxy"
+    )
+    result = _run_verify(units)
+    assert result.returncode == 1
+    assert "Command /usr/local/bin/metadata-proxy is not executable" in result.stderr
+
+
+def test_units_run_the_packaged_entry_points() -> None:
+    for name in ("metadata-proxy.service", "metadata-proxy-host.service"):
+        text = (SYSTEMD_DIR / name).read_text()
+        programs = re.findall(r"^Exec(?:Start|Reload)=(\S+)", text, re.MULTILINE)
+        assert programs and all(p in ("/usr/bin/metadata-proxy", "/usr/bin/hostagent", "/bin/sh") for p in programs)
 
 
 def test_socket_unit_listens_on_the_default_metadata_addresses() -> None:
@@ -492,3 +519,32 @@ def test_listen_fds_rejects_a_malformed_environment(environ: dict[str, str], mes
     with pytest.raises(ListenFdsError, match=re.escape(message)):
         listen_fds(environ)
     assert environ == {}  # unset even on failure, as sd_listen_fds does
+
+
+# --- journald ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "priority"),
+    [(logging.DEBUG, 7), (logging.INFO, 6), (logging.WARNING, 4), (logging.ERROR, 3), (logging.CRITICAL, 2)],
+)
+def test_lifecycle_lines_carry_their_journald_priority(level: int, priority: int) -> None:
+    record = logging.LogRecord("metadata_proxy", level, __file__, 1, "two\nlines %s", ("x",), None)
+    line = JsonFormatter(syslog_prefix=True).format(record)
+    assert line.startswith(f"<{priority}>{{")
+    assert "\n" not in line  # journald reads the prefix per line: one record, one line
+    assert json.loads(line[3:])["message"] == "two\nlines x"
+    plain = JsonFormatter().format(record)
+    assert json.loads(plain)["level"] == logging.getLevelName(level).lower()
+
+
+def test_connected_to_journal_compares_the_stream(tmp_path: Path) -> None:
+    with open(tmp_path / "stdout", "w") as stream, open(tmp_path / "other", "w") as other:
+        info = os.fstat(stream.fileno())
+        environ = {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        assert connected_to_journal(environ, stream)
+        # Inherited by a child whose stdout was redirected elsewhere: not the journal.
+        assert not connected_to_journal(environ, other)
+    assert not connected_to_journal({}, sys.stdout)
+    assert not connected_to_journal({"JOURNAL_STREAM": "8:x"}, sys.stdout)
+    assert not connected_to_journal({"JOURNAL_STREAM": "1:2"}, io.StringIO())
