@@ -285,14 +285,17 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
 
 # A fault no code path expects, injected at start-up through `sitecustomize` (the standard
 # library's own hook), into a third-party or standard-library call each command makes.
-def _fault(module: str, function: str) -> str:
+# Only calls that name `only` fail, when given: coverage's own data file is SQLite too.
+def _fault(module: str, function: str, only: str = "") -> str:
+    real = f"_real = {module}.{function}\n"
+    spare = f"    if {only!r} not in str(a[:1]):\n        return _real(*a, **k)\n" if only else ""
     body = "    raise ZeroDivisionError('injected fault')"
-    return f"import {module}\ndef fault(*a, **k):\n{body}\n{module}.{function} = fault\n"
+    return f"import {module}\n{real}def fault(*a, **k):\n{spare}{body}\n{module}.{function} = fault\n"
 
 
 _FAULTS = {
     "metadata-proxy": (_fault("tomllib", "load"), ("check-config", "--config", "{config}")),
-    "hostagent": (_fault("sqlite3", "connect"), ("--registry", "{registry}", "vm", "list")),
+    "hostagent": (_fault("sqlite3", "connect", only="registry"), ("--registry", "{registry}", "vm", "list")),
     "controlplane": (_fault("jwt", "encode"), ("mint", "vm-1", "--secret-file", "{secret}")),
 }
 
