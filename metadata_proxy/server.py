@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -30,7 +29,7 @@ from .config import Config, ConfigError, ListenAddress, check_input_files, load_
 from .forward import build_client
 from .logs import AccessLog
 from .metrics import Metrics
-from .protocol import GuestProtocol
+from .protocol import KEEP_ALIVE_SECONDS, GuestProtocol
 from .registry import VM, Registry
 from .sessions import SessionTokens
 
@@ -38,8 +37,6 @@ log = logging.getLogger("metadata_proxy")
 
 # In-flight requests get this long to finish on SIGTERM; the unit's TimeoutStopSec is 30.
 DRAIN_SECONDS = 20.0
-# Idle keep-alive connections from guests are closed after this long.
-KEEP_ALIVE_SECONDS = 5
 # An old upstream client is closed this long after a reload replaced it, so the requests
 # still using it finish first.
 OLD_CLIENT_GRACE = DRAIN_SECONDS
@@ -109,7 +106,7 @@ def _uvicorn_config(
         server_header=False,
         access_log=False,
         log_config=None,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_keep_alive=int(KEEP_ALIVE_SECONDS),  # GuestProtocol keeps the same deadline
         timeout_graceful_shutdown=int(drain),
     )
 
@@ -195,8 +192,7 @@ class ProxyServer:
             extra_listen=extra,
             close_connections=self.close_connections,
         )
-        protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app, "open_by_peer": Counter()})
-        self.guest = uvicorn.Server(_uvicorn_config(self.app, protocol))
+        self.guest = uvicorn.Server(_uvicorn_config(self.app, GuestProtocol.bind(self.app)))
         servers = [self.guest]
         self.admin: uvicorn.Server | None = None
         prober: asyncio.Task[None] | None = None
@@ -333,17 +329,18 @@ class ProxyServer:
 
     def close_connections(self, holders: Mapping[str, VM | None]) -> int:
         """Close the guest connections from each address in `holders` whose VM no longer holds
-        it (removed, or the address handed on); those the new holder opened stay."""
+        it (removed, or the address handed on); those the new holder opened stay. An idle one
+        closes now; one with a request begun answers it first (SPEC section 3: 403
+        `unknown_vm` with `Connection: close`), never closed under a request already read."""
         closed = 0
         for connection in list(self.guest.server_state.connections):
             if (
                 isinstance(connection, GuestProtocol)
                 and connection.client
                 and connection.client[0] in holders
-                and connection.owner is not None
                 and connection.owner.lost(holders[connection.client[0]])
             ):
-                connection.transport.close()
+                connection.owner_lost()
                 closed += 1
         return closed
 
