@@ -59,9 +59,9 @@ class Owners:
     """The registry as the data path sees it, and the reaction to its changes.
 
     `forget_vm(name)` drops what is cached for a VM removed or re-keyed;
-    `close_connections(holders)` closes the connections from each address of `holders`
-    whose owner no longer holds it (holders: the address's VM now, None for nobody) and
-    returns how many it closed or marked to close.
+    `close_connections(holders)` ends the connections from each address of `holders` whose
+    owner no longer holds it (holders: the address's VM now, None for nobody): see
+    server.ProxyServer.close_connections; it returns how many were answering a request.
     """
 
     def __init__(
@@ -148,4 +148,4 @@ class Owners:
         if gone and self.close_connections is not None:
             closed = self.close_connections(gone)
             if closed:
-                log.info("closing %d connection(s) from %d address(es) no longer registered", closed, len(gone))
+                log.info("closing %d busy connection(s) from %d address(es) no longer registered", closed, len(gone))

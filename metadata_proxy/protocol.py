@@ -382,14 +382,18 @@ class GuestProtocol(HttpToolsProtocol):
 
     # -- ownership ------------------------------------------------------------------------
 
-    def owner_lost(self) -> None:
-        """The VM that opened this connection no longer holds its address. An idle
-        connection closes now; one with a request begun closes after answering it (the
-        app refuses that request 403 `unknown_vm` unless it was admitted before)."""
-        if self._reading == _BETWEEN and (self.cycle is None or self.cycle.response_complete) and not self.pipeline:
-            self.transport.close()
-        else:
-            self._stop_at_boundary()
+    def owner_lost(self) -> bool:
+        """The VM that opened this connection no longer holds its address. A request begun
+        on it is answered, then the connection closes (one not admitted before the change
+        gets 403 `unknown_vm`); an idle one is left to its keep-alive deadline, and its next
+        request, if one comes first, is answered 403 `unknown_vm` with `Connection: close`:
+        closing it now would race that request and leave it without any answer. True when
+        a request was in progress."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            return True
+        return False
 
     # -- deadlines ------------------------------------------------------------------------
 
@@ -469,14 +473,6 @@ class GuestProtocol(HttpToolsProtocol):
         self._stopped = True
         if self.cycle is None or (self.cycle.response_complete and not self.pipeline):
             self.transport.close()
-
-    def _stop_at_boundary(self) -> None:
-        """Close once the requests begun are answered; parse nothing after them."""
-        if self.cycle is not None:
-            self.cycle.keep_alive = False
-        if self._reading != _BETWEEN:
-            return  # the request being read decides: its answer closes (keep_alive above)
-        self._stop()
 
     def _abandon(self) -> None:
         """The rest of a body answered early went past DRAIN_BYTES: close."""

@@ -328,21 +328,23 @@ class ProxyServer:
             task.add_done_callback(lambda done: done.exception())  # nothing to do on failure
 
     def close_connections(self, holders: Mapping[str, VM | None]) -> int:
-        """Close the guest connections from each address in `holders` whose VM no longer holds
-        it (removed, or the address handed on); those the new holder opened stay. An idle one
-        closes now; one with a request begun answers it first (SPEC section 3: 403
-        `unknown_vm` with `Connection: close`), never closed under a request already read."""
-        closed = 0
+        """For each address in `holders` whose VM no longer holds it (removed, or the address
+        handed on), the guest connections its old holder opened: each closes after the
+        request it is answering, or, idle, at its next request (answered 403 `unknown_vm`
+        with `Connection: close`, SPEC section 3) or its keep-alive deadline, whichever comes
+        first (GuestProtocol.owner_lost). Those the new holder opened stay. Returns how many
+        had a request in progress."""
+        ending = 0
         for connection in list(self.guest.server_state.connections):
             if (
                 isinstance(connection, GuestProtocol)
                 and connection.client
                 and connection.client[0] in holders
                 and connection.owner.lost(holders[connection.client[0]])
+                and connection.owner_lost()
             ):
-                connection.owner_lost()
-                closed += 1
-        return closed
+                ending += 1
+        return ending
 
 
 def open_sockets(config: Config, environ: Mapping[str, str]) -> tuple[list[socket.socket], socket.socket]:
