@@ -103,14 +103,16 @@ class CoalescingTransport(asyncio.Transport):
         self,
         transport: asyncio.Transport,
         loop: asyncio.AbstractEventLoop,
-        on_close: Callable[[], None] = lambda: None,
+        on_close: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
         self._size = 0
-        self._on_close = on_close  # the protocol's: a close must complete within a deadline
+        # The protocol's: True to put the close off (a lingering close: the rest of a body
+        # is read first); else the close has begun, and must complete within a deadline.
+        self._on_close = on_close
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         pending = self._pending
@@ -146,8 +148,8 @@ class CoalescingTransport(asyncio.Transport):
     def close(self) -> None:
         if not self._transport.is_closing():
             self.flush()
-            self._transport.close()
-            self._on_close()
+            if not self._on_close():
+                self._transport.close()
 
     def abort(self) -> None:
         self._pending.clear()
@@ -185,8 +187,8 @@ class CoalescingTransport(asyncio.Transport):
         return self._transport.get_write_buffer_limits()
 
 
-class _Overflow(Exception):
-    """Raised from a parser callback to stop reading a connection (MAX_PIPELINED)."""
+class _Stopped(Exception):
+    """Raised from a parser callback to stop parsing a connection's input."""
 
 
 class GuestProtocol(HttpToolsProtocol):
@@ -218,7 +220,8 @@ class GuestProtocol(HttpToolsProtocol):
         self._read_deadline: float | None = None  # of what is being read (or the idle keep-alive)
         self._reading = _BETWEEN
         self._requests = 0  # heads begun on this connection
-        self._stopped = False  # nothing more is parsed (after an Upgrade, or MAX_PIPELINED)
+        self._stopped = False  # nothing more is parsed (after an Upgrade, MAX_PIPELINED, a close)
+        self._close_after_body = False  # a lingering close: see _closing
         self._closing_at: float | None = None
         self._write_stalled_at: float | None = None
         self._head_began = 0.0
@@ -226,9 +229,10 @@ class GuestProtocol(HttpToolsProtocol):
         self._drain_began: float | None = None  # the answer was complete before the body
         self._drained = 0
         self._after_chunk_header = False  # trailer bytes are counted from a chunk header with no data
+        self._body_seen = False  # a byte of the body being read arrived
         self._trailer_bytes = 0
         # uvicorn's self.transport from here on.
-        self._writes = CoalescingTransport(transport, self.loop, self._closed_by_us)  # type: ignore[arg-type]
+        self._writes = CoalescingTransport(transport, self.loop, self._closing)  # type: ignore[arg-type]
         super().connection_made(self._writes)
         self._peer = self.client[0] if self.client else ""
         self.open_by_peer[self._peer] += 1
@@ -267,7 +271,7 @@ class GuestProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserError:
             if self._stopped:
-                return  # _Overflow: see on_headers_complete
+                return  # _Stopped: nothing more is parsed
             self.refuse(guards.MALFORMED)
             return
         if self.transport.is_closing():
@@ -294,6 +298,8 @@ class GuestProtocol(HttpToolsProtocol):
     # -- httptools' callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            raise _Stopped  # bytes after the last request this connection reads
         super().on_message_begin()
         self.scope[OWNER_KEY] = self.owner  # type: ignore[literal-required]
         self._reading = _HEAD
@@ -313,8 +319,9 @@ class GuestProtocol(HttpToolsProtocol):
             # Enough queued: the last of them ends the connection; nothing more is read.
             self.cycle.keep_alive = False
             self._stop()
-            raise _Overflow
+            raise _Stopped
         self._reading = _BODY
+        self._body_seen = False
         self._after_chunk_header = False
         self._trailer_bytes = 0
         self._drain_began = None
@@ -333,12 +340,17 @@ class GuestProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         self._after_chunk_header = False
         self._trailer_bytes = 0
+        self._body_seen = True
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading = _BETWEEN
         self._drain_began = None
+        if self._close_after_body:
+            self._stopped = True
+            self._writes.close()  # the lingering close's end: the body was read
+            return
         cycle = self.cycle
         if cycle.response_complete and not self.pipeline:
             self._set_deadline(self.loop.time() + self.keep_alive_seconds)
@@ -422,11 +434,31 @@ class GuestProtocol(HttpToolsProtocol):
         else:
             self._deadline.clear()
 
-    def _closed_by_us(self) -> None:
-        # A close waits for the write buffer to drain: a guest that does not read would
-        # hold the connection for ever.
+    def _closing(self) -> bool:
+        """The transport is asked to close. After an answer that did not wait for its
+        request's body (a refusal with `Connection: close`), first read the rest of that
+        body (a lingering close, bounded by DRAIN_BYTES and DRAIN_SECONDS): closing with
+        unread bytes sends a reset, which can destroy the answer before the guest read it.
+        Else the close begins; it waits for the write buffer to drain, so it gets a deadline
+        (a guest that does not read would hold the connection for ever)."""
+        cycle = self.cycle
+        if (
+            self._reading == _BODY
+            and not self._stopped
+            and not self._close_after_body
+            and cycle is not None
+            and cycle.response_complete
+            # A guest waiting for `100 Continue` was answered instead: it sends no body.
+            and (self._body_seen or not self.expect_100_continue)
+        ):
+            self._close_after_body = True
+            self.owner.closed = True
+            return True  # on_response_complete starts the drain
+        self._stopped = True
+        self.owner.closed = True
         self._closing_at = self.loop.time() + CLOSE_SECONDS
         self._arm()
+        return False
 
     def _deadline_passed(self) -> None:
         now = self.loop.time()
