@@ -490,7 +490,7 @@ class GuestProtocol(HttpToolsProtocol):
             else:
                 self.refuse(guards.REQUEST_TIMEOUT)
         elif self._drain_began is not None:
-            transport.close()  # the rest of a body answered early: not in time
+            self._abandon()  # the rest of a body answered early: not in time
         elif self.flow.read_paused and not cycle.response_started:
             # The proxy is not reading (the app has not taken what it has): its own timers
             # hold (the control plane's timeout); the guest's clock restarts when it reads.
@@ -507,7 +507,7 @@ class GuestProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _abandon(self) -> None:
-        """The rest of a body answered early went past DRAIN_BYTES: close."""
+        """The rest of a body answered early went past DRAIN_BYTES or DRAIN_SECONDS: close."""
         self._stopped = True
         self.transport.close()
 
