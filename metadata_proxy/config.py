@@ -15,7 +15,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 DEFAULT_PATH = "/etc/metadata-proxy/config.toml"
@@ -60,10 +60,13 @@ class Cache:
     max_bytes: int = 64 * 1024 * 1024
 
 
+Guard = Literal["header", "session", "none"]  # see GUARDS
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     prefix: str
-    guard: str = "header"
+    guard: Guard = "header"
 
 
 DEFAULT_LISTEN: tuple[ListenAddress, ...] = (ListenAddress("169.254.169.254", 80), ListenAddress("fd00:a9fe::254", 80))
@@ -255,8 +258,8 @@ def _route_prefix(value: Any) -> str | None:
     return value
 
 
-def _guard(value: Any) -> str | None:
-    return value if value in GUARDS else None
+def _guard(value: Any) -> Guard | None:
+    return cast(Guard, value) if value in GUARDS else None
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
