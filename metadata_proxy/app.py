@@ -32,6 +32,7 @@ from .guards import Refusal
 from .limits import Limiter
 from .logs import AccessLog, new_request_id
 from .metrics import Metrics
+from .owners import OWNER_KEY, ConnectionOwner, Owners
 from .registry import VM, Registry, RegistryUnavailable
 from .sessions import SessionTokens
 
@@ -43,6 +44,11 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("metadata_proxy")
 
 REGISTRY_UNAVAILABLE = Refusal(503, "registry_unavailable", "The VM registry cannot be read; try again shortly.")
+# A request that reached the app without the guest protocol's ConnectionOwner: the seam with
+# uvicorn is broken (protocol.GuestProtocol), so who may use the connection is unknown. Fail
+# closed, nothing forwarded.
+NO_OWNER = Refusal(500, "internal_error", "The proxy cannot tell which VM owns this connection; nothing was forwarded.")
+CLOSE = ((b"connection", b"close"),)
 TOKEN_EXPIRED = Refusal(503, "token_expired", "This VM's runtime token has expired; the control plane must renew it.")
 # After a 413, at most this much more of the body is read and thrown away, for at most
 # LINGER_SECONDS, before the connection closes: closing with unread bytes sends a reset,
@@ -55,34 +61,6 @@ STREAM_SMALL_BODY = 64 * 1024
 GUEST_WRITE_TIMEOUT = 10
 # A GET that fails with one of these (or with no answer at all) may be answered stale (RFC 5861).
 STALE_IF_STATUS = frozenset({500, 502, 503, 504})
-
-
-OWNER_KEY = "metadata_proxy.owner"  # the scope key GuestProtocol puts a ConnectionOwner under
-
-
-class ConnectionOwner:
-    """The VM that held a connection's peer address when the connection was accepted.
-
-    IP reuse (SPEC section 4): a connection the old holder opened must never carry the new
-    holder's token, not even for the one request that races the close of that connection.
-    Every request on the connection must come from the same VM (a token rotation keeps the
-    VM); when the registry could not be read at accept time, the first request decides.
-    """
-
-    __slots__ = ("identity", "known")
-
-    def __init__(self, vm: VM | None, known: bool = True) -> None:
-        self.identity = (vm.name, vm.vm_id) if vm else None
-        self.known = known
-
-    def admits(self, vm: VM) -> bool:
-        if not self.known:
-            self.identity, self.known = (vm.name, vm.vm_id), True
-        return self.identity == (vm.name, vm.vm_id)
-
-    def lost(self, holder: VM | None) -> bool:
-        """True when the address now belongs to another VM, or to none: close the connection."""
-        return self.known and (holder is None or self.identity != (holder.name, holder.vm_id))
 
 
 class Exchange:
@@ -152,6 +130,9 @@ class Exchange:
 
 
 class ProxyApp:
+    """The guest-facing ASGI app. Served by protocol.GuestProtocol, which hands each request
+    its connection's ConnectionOwner (scope[OWNER_KEY]); a request without one is refused."""
+
     def __init__(
         self,
         config: Config,
@@ -164,27 +145,28 @@ class ProxyApp:
         extra_listen: Iterable[ListenAddress] = (),
         close_connections: Callable[[Mapping[str, VM | None]], int] | None = None,
     ) -> None:
-        self.registry = registry
         self.sessions = sessions or SessionTokens()
         self.metrics = metrics or Metrics()
         self.in_flight = 0  # guest requests being handled
         self.metrics.in_flight_now = lambda: self.in_flight
+        # Identity and connection ownership, and what a registry change undoes.
+        self.owners = Owners(registry, self.metrics, lambda name: self.cache.drop_vm(name), close_connections)
         self.metrics.watch_registry(lambda: self.registry.vms, lambda: self.registry.error is None)
         self.access_log = access_log or AccessLog()
-        self.close_connections = close_connections
         self._extra_listen = tuple(extra_listen)
-        self._generation = registry.generation
-        # The VMs as of the last generation handled: what a change is compared with. Not the
-        # registry's current view, which is empty while the file is unreadable.
-        self._known: Mapping[str, VM] = registry.by_address()
-        # Set by GuestProtocol: see lookup().
-        self.unchecked_input = True  # a connection was accepted or bytes read since the last check
-        self.input_reported = False  # a GuestProtocol serves this app and sets unchecked_input
         self._watcher: asyncio.Task[None] | None = None
         self.limiter = Limiter(config.limits)
         self.cache = ResponseCache(config.cache.max_entries_per_vm, config.cache.max_bytes)
         self.flights = Flights()
         self.configure(config, client)
+
+    @property
+    def registry(self) -> Registry:
+        return self.owners.registry
+
+    @registry.setter
+    def registry(self, registry: Registry) -> None:
+        self.owners.registry = registry  # a reload that names another file; read at its first lookup
 
     def configure(self, config: Config, client: upstream.Upstream) -> None:
         """Apply a (re)loaded config to every request that begins from now on."""
@@ -204,6 +186,9 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            owner: ConnectionOwner | None = scope.get(OWNER_KEY)
+            if owner is not None and owner.closed:
+                return  # the guest protocol answered (and logged) this connection itself, or the guest left
             exchange = Exchange(scope, receive, send)
             self.in_flight += 1
             try:
@@ -219,18 +204,25 @@ class ProxyApp:
         headers: list[tuple[bytes, bytes]] = ex.scope["headers"]
         raw_path: bytes = ex.scope.get("raw_path") or ex.scope["path"].encode()
 
-        # 1. Identity: the connection's peer address, never anything the guest wrote.
+        # 1. Identity: the connection's peer address, never anything the guest wrote, and
+        # the VM that held it when the connection was accepted (set by GuestProtocol).
+        owner: ConnectionOwner | None = ex.scope.get(OWNER_KEY)
+        if owner is None:
+            return await ex.refuse(NO_OWNER, CLOSE)
         try:
-            vm = self.lookup(ex.peer)
+            vm = self.owners.lookup(ex.peer)
         except RegistryUnavailable:
             return await ex.refuse(REGISTRY_UNAVAILABLE)
-        if vm is None:
-            return await ex.refuse(guards.UNKNOWN_VM)
+        if vm is None or not owner.admits(vm):
+            # Unregistered, removed, or a connection from before the address changed hands:
+            # not this VM's to use; closed, so its next request is accepted anew.
+            return await ex.refuse(guards.UNKNOWN_VM, CLOSE)
         ex.vm = vm
-        owner: ConnectionOwner | None = ex.scope.get(OWNER_KEY)
-        if owner is not None and not owner.admits(vm):
-            # A connection from before the address changed hands: not this VM's to use.
-            return await ex.refuse(guards.UNKNOWN_VM, ((b"connection", b"close"),))
+        # A request the guest protocol refuses as a whole (Upgrade: its framing is not ours),
+        # answered here, in its turn behind the requests pipelined before it; then closed.
+        refusal = ex.scope.get(guards.REFUSAL_KEY)
+        if refusal is not None:
+            return await ex.refuse(refusal, CLOSE)
 
         # 2. The Host header names us (DNS rebinding); 3. no proxy inside the guest relayed
         # this (SSRF); 4. bounded headers, sane framing, a clean path under a known prefix.
@@ -248,8 +240,8 @@ class ProxyApp:
         ex.route = route.prefix if route else raw_path.decode()
         if local_method and ex.scope["method"] != local_method:
             return await ex.refuse(guards.method_not_allowed(local_method))
-        if route and ex.scope["method"] in guards.UNFORWARDED_METHODS:
-            return await ex.refuse(guards.method_not_allowed(guards.FORWARDED_METHODS))
+        if route and ex.scope["method"] not in guards.FORWARDED_METHODS:
+            return await ex.refuse(guards.method_not_allowed(guards.ALLOW_FORWARDED))
 
         # 5. The route's guard (local endpoints: "header"), then its source-port rule.
         guard = route.guard if route else "header"
@@ -258,7 +250,7 @@ class ProxyApp:
         elif guard == "session":
             token = guards.single_header(headers, b"x-metadata-token")
             refusal = None if self.sessions.valid(token, vm.name, vm.vm_id) else guards.INVALID_SESSION
-        else:  # "none": clients that cannot add a header
+        else:  # "none": the route is open to every registered VM (clients that cannot add a header)
             refusal = None
         if refusal is None and route and route.privileged_port and ex.peer_port >= guards.PRIVILEGED_PORTS:
             refusal = guards.UNPRIVILEGED_PORT
@@ -282,67 +274,7 @@ class ProxyApp:
         finally:
             self.limiter.release(vm.name)
 
-    # -- the registry -------------------------------------------------------------------
-
-    def lookup(self, address: str, *, fresh: bool = False) -> VM | None:
-        """The VM holding `address` for a request that begins now (`fresh`: check the file).
-
-        SPEC section 4: a change is in effect for every request that begins after the
-        `hostagent` command returns. Checking the file costs two system calls, so it is done
-        before the first lookup after a guest connection was accepted or guest bytes were read
-        (GuestProtocol sets `unchecked_input`), not before every lookup: a request that
-        begins after a change has its bytes read after it, so the check that follows that
-        read sees the change, and a lookup with no read since the last check can only be for
-        a request whose bytes that check already followed. An app served without
-        GuestProtocol (through httpx's ASGITransport, in tests) checks every time.
-        """
-        check = fresh or self.unchecked_input or not self.input_reported
-        self.unchecked_input = False
-        try:
-            vm = self.registry.lookup(address, refresh=check)
-        finally:
-            if self.registry.generation != self._generation:
-                changed = self.registry.changed_since(self._generation)
-                self._generation = self.registry.generation
-                self.registry_changed(self._known, changed)
-                self._known = self.registry.by_address()
-        return vm
-
-    def still_registered(self, address: str, vm: VM) -> bool:
-        """True when `address` still belongs to `vm` with the same token."""
-        try:
-            return self.lookup(address, fresh=True) == vm
-        except RegistryUnavailable:
-            return False
-
-    def registry_changed(self, before: Mapping[str, VM], changed: Mapping[str, VM] | None = None) -> None:
-        """Drop the cache of VMs removed or re-keyed; close the connections of addresses
-        whose VM went away or changed hands. `changed`: the VMs of `before`, by name, that
-        were replaced or removed since (None: any may have been), so that a change costs
-        what it touched, not what the registry holds."""
-        self.metrics.registry_reloads.inc()
-        now, names = self.registry.by_address(), self.registry.by_name()
-        then = before if changed is None else {a: vm for vm in changed.values() for a in vm.addresses}
-        for vm in {vm.name: vm for vm in then.values()}.values():
-            if (current := names.get(vm.name)) is None or current.token != vm.token:
-                self.cache.drop_vm(vm.name)
-        # Each address that went away or changed hands, with its holder now (None: nobody).
-        gone = {
-            address: current
-            for address, vm in then.items()
-            if (current := now.get(address)) is None or (current.name, current.vm_id) != (vm.name, vm.vm_id)
-        }
-        if gone and self.close_connections is not None:
-            closed = self.close_connections(gone)
-            if closed:
-                log.info("closed %d connection(s) from %d address(es) no longer registered", closed, len(gone))
-
-    def accept(self, address: str) -> ConnectionOwner:
-        """For a new connection from `address`: the VM that holds the address now."""
-        try:
-            return ConnectionOwner(self.lookup(address))
-        except RegistryUnavailable:
-            return ConnectionOwner(None, known=False)
+    # -- the registry ----------------------------------------------------------------------
 
     async def watch_registry(self) -> None:
         """Notice changes and damage without traffic: /readyz, metrics, idle connections.
@@ -352,7 +284,7 @@ class ProxyApp:
             self.metrics.apply()
             error = self.registry.error
             try:
-                self.lookup("", fresh=True)
+                self.owners.poll()
             except RegistryUnavailable:
                 if error is None:
                     log.error("registry unavailable: %s", self.registry.error)
@@ -500,10 +432,6 @@ class ProxyApp:
                 body,
                 content_length=length if not isinstance(body, bytes | None) else None,
                 timeout=route.timeout,
-                # Not `idempotent`: SPEC section 3 retries a call that reached the control plane
-                # only on a reused connection closed before any byte (the keep-alive race), so a
-                # GET that crashed it is not replayed, and a refused client certificate fails
-                # at once instead of after the whole retry budget.
             )
             if body is None and route.timeout > self.config.control_plane.timeout:
                 response = await _held(ex, request)  # a long-poll route
@@ -513,7 +441,7 @@ class ProxyApp:
             await self.refuse_body(ex, reader)
             return None
         except BodyTimeout:
-            await ex.refuse(guards.REQUEST_TIMEOUT, ((b"connection", b"close"),))
+            await ex.refuse(guards.REQUEST_TIMEOUT, CLOSE)
             return None
         except GuestDisconnected:
             ex.status = 499
@@ -539,7 +467,7 @@ class ProxyApp:
         """After a failed call (an error, or `response` with a 5xx): the entry still within its
         stale-if-error window, answered, if the VM still holds its address with the same token."""
         found = self.cache.get_stale(vm.name, target)
-        if found is None or not self.still_registered(ex.peer, vm):
+        if found is None or not self.owners.still_registered(ex.peer, vm):
             return None
         if response is not None:
             ex.upstream_status = response.status
@@ -566,7 +494,7 @@ class ProxyApp:
                 data = await response.read()
                 # Re-keyed or removed during the call: the answer (fetched with the old token)
                 # must not be served to a request that begins after the change.
-                if self.still_registered(ex.peer, vm):
+                if self.owners.still_registered(ex.peer, vm):
                     stored = [(name, value) for name, value in out if name not in (b"content-length", b"x-request-id")]
                     stale = min(lifetime[1], self.config.cache.stale_if_error_max)
                     entry = self.cache.put(vm.name, target, response.status, stored, data, lifetime[0], stale)
@@ -605,7 +533,7 @@ class ProxyApp:
 
         A guest waiting for `100 Continue` has sent nothing yet: close without reading.
         """
-        close = ((b"connection", b"close"),)
+        close = CLOSE
         expect = guards.single_header(ex.scope["headers"], b"expect")
         if reader.received == 0 and expect is not None and expect.lower() == b"100-continue":
             return await ex.refuse(guards.BODY_TOO_LARGE, close)

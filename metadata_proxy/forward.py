@@ -34,8 +34,17 @@ HOP_BY_HOP = frozenset(
 )
 # Never sent upstream: ours to set (host, authorization, the framing, x-request-id, the
 # proxy's identity headers: a guest's own copy would come first, and most frameworks read
-# the first), the guest's own credentials (cookie), and the proxy's session headers.
+# the first), the guest's own credentials (cookie), the proxy's session headers, and what
+# frameworks behind a proxy trust to rewrite a request after our checks: the method
+# (X-HTTP-Method-Override and kin: the method policy), the path (X-Original-URL,
+# X-Rewrite-URL: the path checks and route guards) and, by the prefixes below, the
+# X-Forwarded-Host/Proto/Port/Prefix family (URLs built for another origin).
 _REQUEST_DROP = HOP_BY_HOP | {
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+    b"x-original-url",
+    b"x-rewrite-url",
     b"host",
     b"authorization",
     b"cookie",
@@ -46,6 +55,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"x-metadata-token",
     b"x-metadata-token-ttl-seconds",
 }
+_REQUEST_DROP_PREFIXES = (b"proxy-", b"x-forwarded-")
 # `date` too: uvicorn (date_header, on by default) writes its own on every answer, and a
 # second Date would make the one field that must be single ambiguous.
 _RESPONSE_DROP = HOP_BY_HOP | {b"set-cookie", b"x-request-id", b"date"}
@@ -86,7 +96,7 @@ def upstream_headers(
     headers = []
     named: set[bytes] = set()  # what the guest's Connection header names: hop-by-hop too
     for name, value in guest:  # names as uvicorn hands them over: lower case
-        if name in _REQUEST_DROP or name.startswith(b"proxy-"):
+        if name in _REQUEST_DROP or name.startswith(_REQUEST_DROP_PREFIXES):
             if name == b"connection":
                 _connection_tokens(value, named)
         else:

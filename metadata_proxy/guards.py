@@ -75,10 +75,21 @@ REQUEST_TIMEOUT = Refusal(408, "request_timeout", "The request did not arrive in
 TOO_MANY_CONNECTIONS = Refusal(
     429, "rate_limited", "Too many open connections from this VM; retry later.", ((b"retry-after", b"1"),)
 )
-# Never forwarded: a TRACE echoes the request, and so the Authorization header that the
-# proxy attached, back to the guest (cross-site tracing) from any upstream that allows it.
-UNFORWARDED_METHODS = frozenset({"TRACE", "TRACK"})
-FORWARDED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# A header name with '_': CGI/WSGI gateways read `X_Forwarded_For` and `X-Forwarded-For`
+# alike (HTTP_X_FORWARDED_FOR), so a look-alike would pass beside the header the proxy sets.
+UNDERSCORE_HEADER = Refusal(400, "bad_request", "Header names containing '_' are not accepted.")
+# Answered for a request that asks to switch protocols (Connection: upgrade with Upgrade, or
+# CONNECT): the parser hands everything after its head to the other protocol, so the
+# connection's framing ends there (protocol.GuestProtocol).
+UPGRADE = Refusal(400, "bad_request", "Protocol upgrades and CONNECT are not supported.")
+# The scope key under which GuestProtocol hands the app a Refusal for the request as a whole.
+REFUSAL_KEY = "metadata_proxy.refusal"
+# The methods a route forwards; any other gets 405 with this Allow. Not TRACE/TRACK (they
+# echo the request, and so the Authorization header the proxy attached, back to the guest),
+# not CONNECT, nor WebDAV/cache-control extensions (PROPFIND, PURGE, ...) that a control
+# plane behind a framework might act on with the VM's token.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+ALLOW_FORWARDED = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 def method_not_allowed(allowed: str) -> Refusal:
@@ -143,13 +154,15 @@ def _canonical_host(text: str) -> str | None:
 
 
 def check_headers(headers: Headers) -> Refusal | None:
-    """Forwarded-request signature, total header size and request framing."""
+    """Forwarded-request signature, names with '_', total header size and request framing."""
     size = 0
     lengths = 0
     chunked = False
     for name, value in headers:
         if name in FORWARDED_HEADERS:
             return FORWARDED
+        if b"_" in name:
+            return UNDERSCORE_HEADER
         size += len(name) + len(value) + 4
         if name == b"content-length":
             lengths += 1

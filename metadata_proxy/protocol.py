@@ -1,9 +1,24 @@
 """The guest side's HTTP protocol: uvicorn's httptools protocol plus what an endpoint that
-faces untrusted guests needs and uvicorn does not do: a deadline and a size cap for each
-request head (slowloris), a cap on open connections per peer address, JSON refusals for
-requests the parser rejected (before the app could forward them), and the VM that held
-each connection's peer address when it was accepted (app.ConnectionOwner): every request
-on the connection must come from that VM, and removing it closes only its own connections.
+faces untrusted guests needs and uvicorn does not do.
+
+- A deadline in every state of a connection, kept by one lazy timer (deadline.Deadline):
+  the first byte, each request head, each body with its trailer, the unread rest of a body
+  after an early answer, the idle keep-alive, an answer the guest does not read, a close
+  that does not complete. The numbers are below and in the README ("Slow and greedy guests").
+- Bounded memory whatever the guest sends: a request head, a trailer section, the queue of
+  pipelined requests and the rest of a body after its answer each have a byte or count cap.
+- A request's headers are its head: trailer fields are read, counted and dropped.
+- An `Upgrade` (or CONNECT) request is answered 400 and the connection closes; its framing
+  is not ours to guess.
+- A cap on open connections per peer address; JSON refusals for what the parser rejects.
+- The VM that held each connection's peer address when it was accepted
+  (owners.ConnectionOwner), handed to the app with every request: the app refuses a request
+  that arrives without one, so a seam with uvicorn that stopped working fails closed.
+
+The seam with uvicorn is httptools' parser callbacks (on_message_begin, on_header,
+on_headers_complete, on_body, on_message_complete: the parser calls them by these names)
+and asyncio's protocol methods, overridden here and calling uvicorn's own; besides those,
+uvicorn's public attributes listed in tests/test_protocol.py, which pins them all.
 """
 
 from __future__ import annotations
@@ -11,27 +26,52 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from . import guards
-from .app import OWNER_KEY, ConnectionOwner, ProxyApp
+from .deadline import Deadline
 from .logs import new_request_id
+from .owners import OWNER_KEY, ConnectionOwner
 
 if TYPE_CHECKING:
-    from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+    from .app import ProxyApp
 
 log = logging.getLogger("metadata_proxy")
 
-# Slowloris: uvicorn has no timeout for a request head. A request's line and headers must
-# arrive within this long of its first byte (a new connection's first request, of the
-# accept); else 408 and close. Guests sit on the same host: a head takes milliseconds.
+# A new connection's first byte, and each request head (line and headers) from its first
+# byte, must arrive within this long; else a silent close (nothing came) or 408 and close.
+# Guests sit on the same host: a head takes milliseconds.
 HEADER_TIMEOUT = 5.0
-# llhttp buffers a head of any size, and the app's 32 KiB check runs only once the head
-# is complete: past this many bytes the protocol answers 431 itself and closes.
+# llhttp buffers a head of any size, and the app's 32 KiB check runs only once the head is
+# complete: past this many bytes the protocol answers 431 itself and closes.
 MAX_HEAD_BYTES = 64 * 1024
+# A request's body and its trailer must be complete within this long of the request's first
+# byte (the app also cuts off a body that stalls for forward.BODY_IDLE_SECONDS); else 408,
+# or a close when the answer has begun. Time while the proxy itself does not read (the
+# control plane is slow to take a streamed body) does not count.
+BODY_TIMEOUT = 60.0
+# A trailer section (the fields after a chunked body's last chunk) is bounded like a head:
+# past this many bytes, 431 (or a close when the answer has begun). Its fields are dropped.
+MAX_TRAILER_BYTES = 32 * 1024
+# The rest of a body that the answer did not wait for (a refusal, a GET with a body) is read
+# and dropped: at most this many bytes for at most this long, then the connection closes.
+# If it ends within both, the connection is kept for the next request.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 2.0
+# An idle kept-alive connection (an answer complete, no next request begun) closes after this.
+KEEP_ALIVE_SECONDS = 5.0
+# A guest that does not read what the proxy wrote to it for this long is cut off (abort):
+# an answer held in our buffers, or a close waiting for them to drain.
+WRITE_STALL_SECONDS = 10.0
+CLOSE_SECONDS = 2.0
+# Requests read and queued behind the one being answered (pipelining). One read can hold
+# thousands of small requests; past this many, nothing more is read: those queued are
+# answered, the last with `Connection: close`, and the connection closes.
+MAX_PIPELINED = 16
 # Open connections per peer address: max_concurrent requests plus idle keep-alive ones,
 # and never so many that one VM could take the process's file descriptors from the rest.
 CONNECTIONS_PER_CONCURRENT = 4
@@ -43,30 +83,50 @@ MIN_CONNECTIONS_PER_PEER = 32
 # (GuestProtocol.on_response_complete).
 COALESCE_BYTES = 64 * 1024
 
+# What the connection is reading (GuestProtocol._reading).
+_BETWEEN = 0  # no request begun since the last one's end (or since the accept)
+_HEAD = 1  # a request's line and headers
+_BODY = 2  # its body and trailer
 
-class CoalescingTransport:
+
+class CoalescingTransport(asyncio.Transport):
     """A guest connection's transport as uvicorn and GuestProtocol see it: writes are held
-    until flush(), which runs at the end of the event-loop pass at the latest; close() sends
-    them first, abort() drops them; everything else is the real transport's."""
+    until flush(), which runs at the end of the event-loop pass at the latest; close() and
+    write_eof() send them first, abort() drops them. Every method of asyncio.Transport is
+    spelled out (no catch-all): a write path added to uvicorn must go through the buffer,
+    or fail, never overtake bytes held here."""
 
-    __slots__ = ("_transport", "_loop", "_pending", "_size")
+    __slots__ = ("_transport", "_loop", "_pending", "_size", "_on_close")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        on_close: Callable[[], bool] = lambda: False,
+    ) -> None:
+        super().__init__()
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
         self._size = 0
+        # The protocol's: True to put the close off (a lingering close: the rest of a body
+        # is read first); else the close has begun, and must complete within a deadline.
+        self._on_close = on_close
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         pending = self._pending
         if not pending:
             if not data:
                 return
             self._loop.call_soon(self.flush)
-        pending.append(data)
+        pending.append(bytes(data) if not isinstance(data, bytes) else data)
         self._size += len(data)
         if self._size > COALESCE_BYTES:
             self.flush()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
 
     def flush(self) -> None:
         pending = self._pending
@@ -77,12 +137,22 @@ class CoalescingTransport:
             if not self._transport.is_closing():  # closed meanwhile: the guest is gone
                 self._transport.write(data)
 
-    def close(self) -> None:
+    def write_eof(self) -> None:
         self.flush()
-        self._transport.close()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def close(self) -> None:
+        if not self._transport.is_closing():
+            self.flush()
+            if not self._on_close():
+                self._transport.close()
 
     def abort(self) -> None:
         self._pending.clear()
+        self._size = 0
         self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -97,79 +167,197 @@ class CoalescingTransport:
     def resume_reading(self) -> None:
         self._transport.resume_reading()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        raise RuntimeError("a guest connection never changes protocol")  # no Upgrade, ever
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._size + self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+
+class _Stopped(Exception):
+    """Raised from a parser callback to stop parsing a connection's input."""
 
 
 class GuestProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, stamped with the VM that held its peer address at accept,
-    with the bounds uvicorn lacks: a deadline and a size cap for each request head, and a
-    cap on open connections per peer. What it refuses gets the app's JSON envelope."""
+    """uvicorn's httptools protocol with a deadline in every state, bounded memory, trailer
+    fields dropped, no Upgrade, a cap on connections per peer, and each connection's owner.
+    What it refuses gets the app's JSON envelope."""
 
-    owner: ConnectionOwner | None = None  # who held the peer address at accept time
-    proxy_app: ProxyApp | None = None  # set on the per-server subclass
+    proxy_app: ProxyApp | None = None  # set on the per-server subclass (bind())
     open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
     header_timeout = HEADER_TIMEOUT
+    body_timeout = BODY_TIMEOUT
+    drain_seconds = DRAIN_SECONDS
+    keep_alive_seconds = KEEP_ALIVE_SECONDS
+    write_stall_seconds = WRITE_STALL_SECONDS
+
+    @classmethod
+    def bind(cls, app: ProxyApp, **settings: float) -> type[GuestProtocol]:
+        """The protocol class for one server of `app` (uvicorn builds one per connection);
+        `settings` override the deadlines above (tests)."""
+        return type("BoundGuestProtocol", (cls,), {"proxy_app": app, "open_by_peer": Counter(), **settings})
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         app = self.proxy_app
-        if app is not None:
-            app.input_reported = app.unchecked_input = True  # see ProxyApp.lookup
-            peer = transport.get_extra_info("peername")
-            self.owner = app.accept(peer[0] if peer else "")
-        # At most one deadline timer per connection rather than one per request: a request
-        # head only notes when it began, and the timer, when it fires, re-arms itself for a
-        # head that began after it was armed (call_later and cancel on every request cost
-        # µs, bench/).
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._in_head = False  # between a request's first byte and the end of its headers
+        self.owners = app.owners if app is not None else None  # None: serving another ASGI app (tests)
+        peer = transport.get_extra_info("peername")
+        owner = self.owners.accept(peer[0] if peer else "") if self.owners is not None else None
+        self.owner: ConnectionOwner = owner or ConnectionOwner(None, known=False)
+        self._deadline = Deadline(self.loop, self._deadline_passed)
+        self._read_deadline: float | None = None  # of what is being read (or the idle keep-alive)
+        self._reading = _BETWEEN
+        self._requests = 0  # heads begun on this connection
+        self._stopped = False  # nothing more is parsed (after an Upgrade, MAX_PIPELINED, a close)
+        self._close_after_body = False  # a lingering close: see _closing
+        self._closing_at: float | None = None
+        self._write_stalled_at: float | None = None
         self._head_began = 0.0
         self._head_bytes = 0
-        self._heads_begun = 0
-        self._timer_head = 1  # the head the timer was armed for: the connection's is the first head's
         self._close_after_first = False  # see shutdown
+        self._drain_began: float | None = None  # the answer was complete before the body
+        self._drained = 0
+        self._after_chunk_header = False  # trailer bytes are counted from a chunk header with no data
+        self._body_seen = False  # a byte of the body being read arrived
+        self._trailer_bytes = 0
         # uvicorn's self.transport from here on.
-        self._writes = CoalescingTransport(cast(asyncio.Transport, transport), self.loop)
-        super().connection_made(self._writes)  # type: ignore[arg-type]
+        self._writes = CoalescingTransport(transport, self.loop, self._closing)  # type: ignore[arg-type]
+        super().connection_made(self._writes)
         self._peer = self.client[0] if self.client else ""
         self.open_by_peer[self._peer] += 1
-        limits = self.proxy_app.config.limits if self.proxy_app is not None else None
-        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * limits.max_concurrent if limits else 0)
+        concurrent = app.config.limits.max_concurrent if app is not None else 0
+        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * concurrent)
         if self.open_by_peer[self._peer] > cap:
             self.refuse(guards.TOO_MANY_CONNECTIONS)
         else:
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+            self._set_deadline(self.loop.time() + self.header_timeout)  # for the first byte
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        self._deadline.cancel()
+        self.owner.closed = True
         self.open_by_peer[self._peer] -= 1
         if self.open_by_peer[self._peer] <= 0:
             del self.open_by_peer[self._peer]
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.proxy_app is not None:
-            self.proxy_app.unchecked_input = True  # the registry is checked before the next lookup
-        begun = self._heads_begun
-        super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        if self._stopped:
+            return  # read and dropped until the answers queued before are out and it closes
+        # uvicorn's keep-alive timer (its own on_response_complete arms it): bytes arrived.
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
+        if self.owners is not None:
+            self.owners.input_arrived()
+        begun = self._requests
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The rest belongs to the other protocol: never parsed. The upgrade request is
+            # answered 400 by the app in its turn (on_headers_complete), then closed.
+            self._stop()
+            return
+        except httptools.HttpParserError:
+            if self._stopped:
+                return  # _Stopped: nothing more is parsed
+            self.refuse(guards.MALFORMED)
+            return
+        if self.transport.is_closing():
+            return
+        reading = self._reading
+        if reading == _HEAD:
             # All of `data` belongs to the head only when the head began before it; one
             # that began inside it is counted from the next read (at most one read short).
-            if begun == self._heads_begun:
+            if begun == self._requests:
                 self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.refuse(guards.HEADERS_TOO_LARGE)
+        elif reading == _BODY:
+            if self._after_chunk_header:
+                self._trailer_bytes += len(data)  # no chunk data since the last chunk header
+                if self._trailer_bytes > MAX_TRAILER_BYTES:
+                    self.refuse(guards.HEADERS_TOO_LARGE)
+                    return
+            if self._drain_began is not None:
+                self._drained += len(data)
+                if self._drained > DRAIN_BYTES:
+                    self._abandon()
+
+    # -- httptools' callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            raise _Stopped  # bytes after the last request this connection reads
         super().on_message_begin()
-        self._in_head = True
-        self._head_began = self.loop.time()
+        self.scope[OWNER_KEY] = self.owner  # type: ignore[literal-required]
+        self._reading = _HEAD
+        self._requests += 1
         self._head_bytes = 0
-        self._heads_begun += 1
-        if self._head_timer is None:
-            self._timer_head = self._heads_begun
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
+        self._head_began = now = self.loop.time()
+        self._set_deadline(now + self.header_timeout)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._reading == _HEAD:
+            super().on_header(name, value)
+        # else a trailer field: never a header of the request, never checked, never
+        # forwarded (dropped); its bytes are counted in data_received.
+
+    def on_headers_complete(self) -> None:
+        if self.pipeline and len(self.pipeline) >= MAX_PIPELINED:
+            # Enough queued: the last of them ends the connection; nothing more is read.
+            self.cycle.keep_alive = False
+            self._stop()
+            raise _Stopped
+        self._reading = _BODY
+        self._body_seen = False
+        self._after_chunk_header = False
+        self._trailer_bytes = 0
+        self._drain_began = None
+        self._drained = 0
+        upgrade = self.parser.should_upgrade()
+        if upgrade:
+            self.scope[guards.REFUSAL_KEY] = guards.UPGRADE  # type: ignore[literal-required]
+        super().on_headers_complete()
+        if upgrade or self._close_after_first:
+            self.cycle.keep_alive = False  # answered, then closed
+        self._set_deadline(self._head_began + self.body_timeout)
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_header = True
+
+    def on_body(self, body: bytes) -> None:
+        self._after_chunk_header = False
+        self._trailer_bytes = 0
+        self._body_seen = True
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading = _BETWEEN
+        self._drain_began = None
+        if self._close_after_body:
+            self._stopped = True
+            self._writes.close()  # the lingering close's end: the body was read
+            return
+        cycle = self.cycle
+        if cycle.response_complete and not self.pipeline:
+            self._set_deadline(self.loop.time() + self.keep_alive_seconds)
+        else:
+            self._set_deadline(None)  # being answered: the app's timers hold (upstream, guest writes)
+
+    # -- uvicorn's callbacks --------------------------------------------------------------
 
     def on_response_complete(self) -> None:
         # The only request in flight: nothing to wait for, out now (one guest at a time:
@@ -177,15 +365,19 @@ class GuestProtocol(HttpToolsProtocol):
         # the guests' side wakes once for all of them and sends its next requests together,
         # so the proxy's next pass is as large (bench/: a quarter more throughput at 32
         # connections than writing each answer as it completes).
-        if self.proxy_app is None or self.proxy_app.in_flight <= 1:
+        app = self.proxy_app
+        if app is None or app.in_flight <= 1:
             self._writes.flush()
         super().on_response_complete()
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False  # the timer, if it fires before the next head, finds nothing to do
-        super().on_headers_complete()
-        if self._close_after_first and self.cycle is not None:
-            self.cycle.keep_alive = False  # answered, then closed
+        if self.transport.is_closing() or not self.cycle.response_complete:
+            return  # closing (its own deadline), or the next pipelined request is being answered
+        if self._reading == _BETWEEN:
+            self._set_deadline(self.loop.time() + self.keep_alive_seconds)
+        elif self._reading == _BODY and self._drain_began is None:
+            # Answered before its body was read: drain a bounded rest, then go on or close.
+            self._drain_began = now = self.loop.time()
+            self._drained = 0
+            self._set_deadline(now + self.drain_seconds)
 
     def shutdown(self) -> None:
         """The server drains (SIGTERM): uvicorn closes every connection that has no request
@@ -194,59 +386,166 @@ class GuestProtocol(HttpToolsProtocol):
         still in the listening queue, which the next process serves (socket activation:
         a restart or an upgrade), and must not get a close without an answer. So its first
         request is answered and the connection closed after it; one that sends nothing is
-        closed by the head deadline, which the drain outlasts."""
-        if not self._heads_begun and not self.transport.is_closing():
+        closed by its accept deadline, which the drain outlasts."""
+        if not self._requests and not self.transport.is_closing():
             self._close_after_first = True
             return
         super().shutdown()
 
-    def _head_timeout(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if not self._in_head:
-            if not self._heads_begun:
-                self.transport.close()  # connected and never sent a byte: nothing to answer
-            return  # every head so far was complete in time; the next one arms a timer again
-        if self._timer_head != self._heads_begun:
-            # Armed for an earlier head: this one's deadline runs from its own first byte.
-            self._timer_head = self._heads_begun
-            self._head_timer = self.loop.call_at(self._head_began + self.header_timeout, self._head_timeout)
-        elif self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined head behind a request still being answered: wait for that answer.
-            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timeout)
-        else:
-            self.refuse(guards.REQUEST_TIMEOUT)
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_stalled_at = self.loop.time()
+        self._arm()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_stalled_at = None
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what llhttp cannot parse (smuggling shapes included)."""
         self.refuse(guards.MALFORMED)
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # llhttp rejects some requests only after their headers were complete and the app's
-        # task was created (a Transfer-Encoding other than chunked, a malformed chunk): the
-        # app must not then forward what the guest was told is malformed. This runs when the
-        # task starts, and hands back the app's own coroutine: a coroutine awaiting it would be
-        # one more frame for each suspension and resumption of every request to pass through.
-        def unless_refused(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> Awaitable[None]:
-            scope[OWNER_KEY] = self.owner  # type: ignore[literal-required]
-            if cycle.disconnected:
-                nothing: asyncio.Future[None] = self.loop.create_future()
-                nothing.set_result(None)
-                return nothing
-            return app(scope, receive, send)
+    # -- ownership ------------------------------------------------------------------------
 
-        super()._start_asgi_task(cycle, unless_refused)
+    def owner_lost(self) -> bool:
+        """The VM that opened this connection no longer holds its address. A request begun
+        on it is answered, then the connection closes (one not admitted before the change
+        gets 403 `unknown_vm`); an idle one is left to its keep-alive deadline, and its next
+        request, if one comes first, is answered 403 `unknown_vm` with `Connection: close`:
+        closing it now would race that request and leave it without any answer. True when
+        a request was in progress."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            return True
+        return False
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def _set_deadline(self, when: float | None) -> None:
+        self._read_deadline = when
+        if self._write_stalled_at is None and self._closing_at is None:  # nearly always
+            if when is None:
+                self._deadline.clear()
+            else:
+                self._deadline.at(when)
+        else:
+            self._arm()
+
+    def _arm(self) -> None:
+        candidates = [
+            when
+            for when in (
+                self._read_deadline,
+                None if self._write_stalled_at is None else self._write_stalled_at + self.write_stall_seconds,
+                self._closing_at,
+            )
+            if when is not None
+        ]
+        if candidates:
+            self._deadline.at(min(candidates))
+        else:
+            self._deadline.clear()
+
+    def _closing(self) -> bool:
+        """The transport is asked to close. After an answer that did not wait for its
+        request's body (a refusal with `Connection: close`), first read the rest of that
+        body (a lingering close, bounded by DRAIN_BYTES and DRAIN_SECONDS): closing with
+        unread bytes sends a reset, which can destroy the answer before the guest read it.
+        Else the close begins; it waits for the write buffer to drain, so it gets a deadline
+        (a guest that does not read would hold the connection for ever)."""
+        cycle = self.cycle
+        if (
+            self._reading == _BODY
+            and not self._stopped
+            and not self._close_after_body
+            and cycle is not None
+            and cycle.response_complete
+            # A guest waiting for `100 Continue` was answered instead: it sends no body.
+            and (self._body_seen or not self.expect_100_continue)
+        ):
+            self._close_after_body = True
+            self.owner.closed = True
+            return True  # on_response_complete starts the drain
+        self._stopped = True
+        self.owner.closed = True
+        self._closing_at = self.loop.time() + CLOSE_SECONDS
+        self._arm()
+        return False
+
+    def _deadline_passed(self) -> None:
+        now = self.loop.time()
+        transport = self._writes
+        if self._closing_at is not None and now >= self._closing_at:
+            transport.abort()
+            return
+        if self._write_stalled_at is not None and now >= self._write_stalled_at + self.write_stall_seconds:
+            log.info("%s did not read for %.0f s: cut off", self._peer, self.write_stall_seconds)
+            transport.abort()
+            return
+        when = self._read_deadline
+        if when is None or now < when or transport.is_closing():
+            self._arm()
+            return
+        cycle = self.cycle
+        reading = self._reading
+        if reading == _BETWEEN:
+            if cycle is None or (cycle.response_complete and not self.pipeline):
+                transport.close()  # nothing came (the accept's first byte) or idle keep-alive
+            else:
+                self._set_deadline(None)
+        elif reading == _HEAD:
+            in_flight = (cycle is not None and not cycle.response_complete) or self.pipeline
+            if in_flight or self.flow.read_paused:
+                # Behind a request still being answered (pipelined): uvicorn does not read
+                # while it is queued; this head's deadline runs again from now.
+                self._set_deadline(now + self.header_timeout)
+            else:
+                self.refuse(guards.REQUEST_TIMEOUT)
+        elif self._drain_began is not None:
+            self._abandon()  # the rest of a body answered early: not in time
+        elif self.flow.read_paused and not cycle.response_started:
+            # The proxy is not reading (the app has not taken what it has): its own timers
+            # hold (the control plane's timeout); the guest's clock restarts when it reads.
+            self._set_deadline(now + self.body_timeout)
+        else:
+            self.refuse(guards.REQUEST_TIMEOUT)
+
+    # -- ending a connection --------------------------------------------------------------
+
+    def _stop(self) -> None:
+        """Parse nothing more: what is queued is answered, then the connection closes."""
+        self._stopped = True
+        if self.cycle is None or (self.cycle.response_complete and not self.pipeline):
+            self.transport.close()
+
+    def _abandon(self) -> None:
+        """The rest of a body answered early went past DRAIN_BYTES or DRAIN_SECONDS: close."""
+        self._stopped = True
+        self.transport.close()
+
+    def _may_answer(self) -> bool:
+        """True when a refusal written now is the only answer to the request being read."""
+        if self.pipeline:
+            return False  # requests queued before it are still to be answered: never inside them
+        cycle = self.cycle
+        if cycle is None:
+            return True
+        if self._reading == _HEAD:
+            return bool(cycle.response_complete)  # the previous request's answer is out
+        return not cycle.response_started
 
     def refuse(self, refusal: guards.Refusal) -> None:
-        """Answer for a request the app never saw, then close; counted and logged like the app's."""
+        """Answer for a request the app never saw, then close; counted and logged like the app's.
+        Inside or after another answer to the same request, only close."""
         request_id = new_request_id()
+        self.owner.closed = True  # the app acts on no request of this connection it has not begun
         cycle = self.cycle
-        answering = cycle is not None and cycle.response_started and not cycle.response_complete
+        answer = self._may_answer() and not self.transport.is_closing()
         if cycle is not None and not cycle.response_started:
             cycle.disconnected = True  # the app, if it already runs, sees the guest gone
             cycle.message_event.set()
-        if not answering and not self.transport.is_closing():  # never inside another answer
+        if answer:
             body = guards.error_body(refusal)
             headers = [
                 *self.server_state.default_headers,
@@ -258,6 +557,7 @@ class GuestProtocol(HttpToolsProtocol):
             ]
             lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
             self.transport.write(STATUS_LINE[refusal.status] + lines + b"\r\n" + body)
+        self._stopped = True
         self.transport.close()
         app = self.proxy_app
         if app is not None:
@@ -270,7 +570,7 @@ class GuestProtocol(HttpToolsProtocol):
                 method=None,
                 path=None,
                 route=None,
-                status=refusal.status,
+                status=refusal.status if answer else 0,
                 code=refusal.code,
                 duration_ms=None,
                 upstream_status=None,

@@ -80,8 +80,9 @@ def _locked(exc: sqlite3.Error) -> bool:
 class Registry:
     """The proxy's read-only, change-aware view of the registry.
 
-    `lookup()` is called once per guest request. It costs a ``stat`` and a 100-byte
-    ``pread`` when nothing changed; when something did, the rows written or removed since
+    `lookup()` is called once per guest request, checking the file only when guest input
+    arrived since the last check (owners.Owners.lookup). A check costs a ``stat`` and a
+    100-byte ``pread`` when nothing changed; when something did, the rows written or removed since
     the snapshot's sequence are read and applied to it, and the VMs they replaced or
     removed are kept for `changed_since`. It reads everything on the first load, after
     an error, for a version-1 file, for another file (inode or meta.id), when its sequence
@@ -97,7 +98,7 @@ class Registry:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd: int | None = None  # the file, kept open: its header is read on every request
+        self._fd: int | None = None  # the file, kept open: its header is read at every check
         self._fd_inode = (-1, -1)
         self._fingerprint: _Fingerprint | None = None
         self._source: _Source | None = None  # None: the next read is a full one
@@ -297,7 +298,7 @@ class Registry:
         """The VM holding `address` now, or None. Raises RegistryUnavailable.
 
         With `refresh` False, the VM as of the last refresh: for a caller that knows nothing
-        it must see can have changed since (the app, see ProxyApp.lookup). A registry never
+        it must see can have changed since (see owners.Owners.lookup). A registry never
         refreshed (a reload named a new file) refreshes all the same.
         """
         if refresh or not self._refreshed:

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import stat
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -31,7 +30,7 @@ from .config import Config, ConfigError, ListenAddress, check_input_files, load_
 from .forward import build_client
 from .logs import AccessLog
 from .metrics import Metrics
-from .protocol import GuestProtocol
+from .protocol import KEEP_ALIVE_SECONDS, GuestProtocol
 from .registry import VM, Registry
 from .sessions import SessionTokens
 from .version import version
@@ -40,8 +39,6 @@ log = logging.getLogger("metadata_proxy")
 
 # In-flight requests get this long to finish on SIGTERM; the unit's TimeoutStopSec is 30.
 DRAIN_SECONDS = 20.0
-# Idle keep-alive connections from guests are closed after this long.
-KEEP_ALIVE_SECONDS = 5
 # An old upstream client is closed this long after a reload replaced it, so the requests
 # still using it finish first.
 OLD_CLIENT_GRACE = DRAIN_SECONDS
@@ -127,7 +124,7 @@ def _uvicorn_config(
         server_header=False,
         access_log=False,
         log_config=None,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_keep_alive=int(KEEP_ALIVE_SECONDS),  # GuestProtocol keeps the same deadline
         timeout_graceful_shutdown=int(drain),
     )
 
@@ -216,8 +213,7 @@ class ProxyServer:
             close_connections=self.close_connections,
         )
         self.app.metrics.configure(per_vm_labels=self.config.per_vm_metrics)
-        protocol = type("BoundGuestProtocol", (GuestProtocol,), {"proxy_app": self.app, "open_by_peer": Counter()})
-        self.guest = uvicorn.Server(_uvicorn_config(self.app, protocol))
+        self.guest = uvicorn.Server(_uvicorn_config(self.app, GuestProtocol.bind(self.app)))
         servers = [self.guest]
         self.admin: uvicorn.Server | None = None
         prober: asyncio.Task[None] | None = None
@@ -354,20 +350,23 @@ class ProxyServer:
             task.add_done_callback(lambda done: done.exception())  # nothing to do on failure
 
     def close_connections(self, holders: Mapping[str, VM | None]) -> int:
-        """Close the guest connections from each address in `holders` whose VM no longer holds
-        it (removed, or the address handed on); those the new holder opened stay."""
-        closed = 0
+        """For each address in `holders` whose VM no longer holds it (removed, or the address
+        handed on), the guest connections its old holder opened: each closes after the
+        request it is answering, or, idle, at its next request (answered 403 `unknown_vm`
+        with `Connection: close`, SPEC section 3) or its keep-alive deadline, whichever comes
+        first (GuestProtocol.owner_lost). Those the new holder opened stay. Returns how many
+        had a request in progress."""
+        ending = 0
         for connection in list(self.guest.server_state.connections):
             if (
                 isinstance(connection, GuestProtocol)
                 and connection.client
                 and connection.client[0] in holders
-                and connection.owner is not None
                 and connection.owner.lost(holders[connection.client[0]])
+                and connection.owner_lost()
             ):
-                connection.transport.close()
-                closed += 1
-        return closed
+                ending += 1
+        return ending
 
 
 def open_sockets(config: Config, environ: Mapping[str, str]) -> tuple[list[socket.socket], socket.socket]:

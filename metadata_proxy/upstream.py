@@ -26,7 +26,7 @@ Design:
 - One ``_Connection`` (the protocol) per TCP connection, serving one exchange at a time. The
   parser calls back into it; it fills the current ``Response`` and wakes the one coroutine
   waiting on it through a single future; one timer per connection, re-armed only when it
-  fires, keeps each wait's timeout. No tasks, no streams, no per-request allocation beyond
+  fires (deadline.Deadline), keeps each wait's timeout. No tasks, no streams, no per-request allocation beyond
   the response and that future.
 - The pool is a LIFO list of idle connections plus a count of slots (open or opening
   connections, at most ``max_connections``). A request that finds no slot waits in a FIFO;
@@ -55,6 +55,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from .deadline import Deadline
 
 __all__ = [
     "ConnectError",
@@ -132,6 +134,15 @@ def _delimited_by_eof(headers: list[tuple[bytes, bytes]]) -> bool:
         if lname == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
             return False
     return True
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True when a head announces a body: a Content-Length other than 0, or a Transfer-Encoding."""
+    for name, value in headers:
+        lname = name.lower()
+        if (lname == b"content-length" and value.strip() != b"0") or lname == b"transfer-encoding":
+            return True
+    return False
 
 
 def _head_keep_alive(http_version: str, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -247,10 +258,7 @@ class _Connection(asyncio.Protocol):
         "_resp",
         "_waiter",
         "_waiting_for",
-        "_waits",
-        "_wait_began",
-        "_timer",
-        "_timer_wait",
+        "_deadline",
         "_error",
         "_exchanges",
         "_keep_alive",
@@ -274,12 +282,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._resp: Response | None = None  # the exchange in progress
         self._waiter: asyncio.Future[None] | None = None
-        # The timeout of each wait, kept by at most one timer per connection (see _wait).
         self._waiting_for = ""  # what the wait in progress expects, for the timeout's message
-        self._waits = 0
-        self._wait_began = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_wait = 0  # the value of _waits when the timer was armed
+        self._deadline = Deadline(loop, self._timed_out)  # the wait in progress's
         self._error: UpstreamError | None = None  # why the exchange in progress failed
         self._exchanges = 0
         self._keep_alive = False
@@ -324,9 +328,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         resp = self._resp
         if resp is not None and not resp._complete:
             if exc is None and resp._head_done and _delimited_by_eof(resp.headers):
@@ -395,6 +397,11 @@ class _Connection(asyncio.Protocol):
         resp.status = status
         resp.http_version = parser.get_http_version()
         resp._head_done = True
+        if (self._head_only or status in (204, 304)) and _declares_body(resp.headers):
+            # An answer that has no body but announces one: a server that sends that body
+            # anyway would have it read as the next exchange's answer, another VM's request
+            # failing (502) at random. Never pooled.
+            self._reusable = False
         if self._head_only:
             resp._complete = True
             self._keep_alive = _head_keep_alive(resp.http_version, resp.headers)
@@ -452,39 +459,22 @@ class _Connection(asyncio.Protocol):
         none comes within the timeout.
 
         Not a coroutine but the future itself, awaited by the caller: one frame less for
-        every resumption to pass through. The timeout is kept by at most one timer per
-        connection, re-armed when it fires for a wait that began after it was armed, not
-        by a call_later and a cancel on every wait, which cost µs a request (bench/).
+        every resumption to pass through. The timeout is the connection's one lazy timer
+        (deadline.Deadline), not a call_later and a cancel on every wait (µs a request, bench/).
         """
         fut = self._loop.create_future()
         self._waiter = fut
         self._waiting_for = what
-        self._waits += 1
-        self._wait_began = self._loop.time()
-        if self._timer is None:
-            self._timer_wait = self._waits
-            self._timer = self._loop.call_later(self._timeout, self._timed_out)
+        self._deadline.at(self._loop.time() + self._timeout)
         return fut
 
     def _set_timeout(self, timeout: float) -> None:
-        """Each wait's limit from now on. A timer armed under another limit would fire at the
-        wrong moment for the next wait: it goes, and the next wait arms one."""
-        if timeout != self._timeout:
-            self._timeout = timeout
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        """Each wait's limit from now on (Deadline re-arms at once for an earlier deadline)."""
+        self._timeout = timeout
 
     def _timed_out(self) -> None:
-        self._timer = None
         fut = self._waiter
-        if fut is None or fut.done():
-            return  # nobody waits: the next wait arms a timer again
-        if self._timer_wait != self._waits:
-            # Armed for an earlier wait: this one's timeout runs from its own start.
-            self._timer_wait = self._waits
-            self._timer = self._loop.call_at(self._wait_began + self._timeout, self._timed_out)
-        else:
+        if fut is not None and not fut.done():
             _expire(fut, self._timeout, self._waiting_for)
 
     async def _exchange(
@@ -681,7 +671,6 @@ class Upstream:
         body: bytes | AsyncIterable[bytes] | None = None,
         *,
         content_length: int | None = None,
-        idempotent: bool = False,
         timeout: float | None = None,
     ) -> Response:
         """Send `METHOD target HTTP/1.1` with `headers` (plus Host and framing); return at the response head.
@@ -692,8 +681,8 @@ class Upstream:
 
         Retries follow SPEC section 3: connect failures with backoff inside `retry_budget`; a
         kept-alive connection closed before any response byte once, at once, on a fresh
-        connection (bytes bodies, or a streamed one not yet consumed); with `idempotent`, also
-        a fresh connection closed before any response byte, with backoff inside the budget.
+        connection (bytes bodies, or a streamed one not yet consumed). Nothing else: a fresh
+        connection lost may have reached the server.
         """
         head = self._encode_head(method, target, headers, body, content_length)
         if isinstance(body, bytes) and len(body) <= _COALESCE_BODY:
@@ -729,10 +718,6 @@ class Upstream:
                     raise
                 if exc.reused and not fresh:
                     fresh = True  # the keep-alive race: the server closed it as we sent
-                    continue
-                attempt += 1
-                if idempotent and await self._backoff(loop, attempt, deadline):
-                    fresh = True
                     continue
                 raise
             except BaseException:

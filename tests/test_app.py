@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import re
@@ -28,6 +29,7 @@ from metadata_proxy.config import Config, Limits, ListenAddress, parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.limits import Limiter
 from metadata_proxy.logs import AccessLog
+from metadata_proxy.owners import OWNER_KEY
 from metadata_proxy.registry import Registry
 from metadata_proxy.sessions import SessionTokens
 from tests.harness import ControlPlane, run
@@ -115,9 +117,22 @@ async def app(cp: ControlPlane, registry: Path) -> AsyncIterator[ProxyApp]:
         yield made
 
 
+def as_guest(app: ProxyApp, address: str) -> Callable[[Any, Any, Any], Awaitable[None]]:
+    """The app as GuestProtocol serves it to one connection from `address`: every request
+    carries the connection's owner, and its bytes are guest input (owners.input_arrived)."""
+    owner = app.owners.accept(address)
+
+    async def served(scope: Any, receive: Any, send: Any) -> None:
+        app.owners.input_arrived()
+        scope[OWNER_KEY] = owner
+        await app(scope, receive, send)
+
+    return served
+
+
 def guest(app: ProxyApp, address: str) -> httpx.AsyncClient:
     """A VM at `address` calling the app, Host 169.254.169.254 unless a request says otherwise."""
-    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    transport = httpx.ASGITransport(app=as_guest(app, address), client=(address, 40000))
     return httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254")
 
 
@@ -208,7 +223,7 @@ async def asgi(
         exchange.messages.append(dict(message))
         exchange.times.append(time.monotonic())
 
-    await app(scope, counting_receive, send)
+    await as_guest(app, peer)(scope, counting_receive, send)
     return exchange
 
 
@@ -396,9 +411,25 @@ async def test_methods(app: ProxyApp, cp: ControlPlane) -> None:
         assert "TRACE" not in response.headers["allow"]
         response = await refused(cp, lambda: vm.post("/metadata/v1/instance", headers=META), 405, "method_not_allowed")
         assert response.headers["allow"] == "GET"
-        for method in ("PATCH", "DELETE", "OPTIONS", "PROPFIND"):
+        for method in ("PATCH", "DELETE", "OPTIONS"):
             echo = await vm.request(method, "/runtime/echo", headers=META)
             assert echo.status_code == 200 and echo.json()["method"] == method
+        # Only the methods `Allow` names are forwarded (issue 11's method policy).
+        for method in ("PROPFIND", "PURGE", "M-SEARCH", "MKCOL", "TRACK", "LOCK", "SEARCH"):
+            response = await refused(
+                cp, functools.partial(vm.request, method, "/runtime/echo", headers=META), 405, "method_not_allowed"
+            )
+            assert response.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+async def test_a_request_without_a_connection_owner_fails_closed(app: ProxyApp, cp: ControlPlane) -> None:
+    """Served other than through GuestProtocol (its seam with uvicorn broken): nothing is
+    forwarded, whoever the peer is, and the connection is closed."""
+    transport = httpx.ASGITransport(app=app, client=(A, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as bare:
+        for path in ("/runtime/whoami", "/metadata/v1/instance", "/runtime/echo/open/x"):
+            response = await refused(cp, functools.partial(bare.get, path, headers=META), 500, "internal_error")
+            assert response.headers["connection"] == "close"
 
 
 # -- session tokens -------------------------------------------------------------------------
@@ -465,12 +496,17 @@ async def test_session_token_does_not_pass_to_the_next_holder_of_an_address(cp: 
         token = (await put_token(vm, "600")).text
         assert (await vm.get("/runtime/echo/session/x", headers={"X-Metadata-Token": token})).status_code == 200
         sync(cp, registry, {"new": A})  # the address is handed to another VM
+        # On the old holder's connection: not the new holder's to use.
         await refused(
-            cp,
-            lambda: vm.get("/runtime/echo/session/x", headers={"X-Metadata-Token": token}),
-            401,
-            "invalid_session_token",
+            cp, lambda: vm.get("/runtime/echo/session/x", headers={"X-Metadata-Token": token}), 403, "unknown_vm"
         )
+        async with guest(app, A) as new:  # the new holder's connection, the old holder's token
+            await refused(
+                cp,
+                lambda: new.get("/runtime/echo/session/x", headers={"X-Metadata-Token": token}),
+                401,
+                "invalid_session_token",
+            )
 
 
 async def test_session_route_and_none_route(app: ProxyApp, cp: ControlPlane) -> None:
@@ -699,7 +735,7 @@ async def test_a_guest_that_stops_reading_releases_the_upstream_connection(
 
     try:
         started = time.monotonic()
-        await asyncio.wait_for(app(scope, receive, send), timeout=5)
+        await asyncio.wait_for(as_guest(app, A)(scope, receive, send), timeout=5)
         assert time.monotonic() - started < 3
         assert sent[0] == "http.response.start"
         assert client.connections_open == 0  # cut off, not pooled half-read, not held
@@ -729,7 +765,7 @@ async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: P
     client = build_client(config.control_plane)
     app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
     try:
-        transport = httpx.ASGITransport(app=app, client=(A, 40000))
+        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as guest:
             response = await guest.get("/runtime/x/y?q=1&q=%2F", headers=META)
         assert response.status_code == 200
@@ -748,19 +784,19 @@ async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
     its connection) be looked up in a registry never read: it would be refused, and every
     connection closed as if every VM had gone."""
     async with proxy_app(cp, registry) as app:
-        app.input_reported = True  # as GuestProtocol sets it: checks follow guest input
         closed: list[object] = []
 
         def close_connections(gone: object) -> int:
             closed.append(gone)
             return 0
 
-        app.close_connections = close_connections
-        assert (vm := app.lookup(A)) is not None and vm.name == "a"
-        app.unchecked_input = False  # no guest input from here on
+        app.owners.close_connections = close_connections
+        app.owners.input_arrived()
+        assert (vm := app.owners.lookup(A)) is not None and vm.name == "a"
+        # No guest input from here on: the next lookup does not check the file.
         copy = tmp_path / "copy.sqlite3"
         copy.write_bytes(registry.read_bytes())  # the same VMs under another path
         app.registry = Registry(str(copy))  # as a reload that names another file does
-        again = app.lookup(A)
+        again = app.owners.lookup(A)
     assert again is not None and again.name == "a"
     assert closed == []

@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from hostagent import store
+from metadata_proxy.protocol import KEEP_ALIVE_SECONDS
 from tests.harness import ControlPlane, Proxy, free_port, running
 
 META = {"Metadata": "true"}
@@ -162,21 +164,54 @@ def test_remove_and_reuse_take_effect_for_the_next_request(proxy: Proxy, cp: Con
         assert guest.get("/runtime/whoami", headers=META).json()["vm_id"] == "vm-new-owner"
 
 
-def test_remove_closes_open_keepalive_connections(proxy: Proxy, cp: ControlPlane) -> None:
-    address, _, _ = register(proxy, cp, "keepalive")
+@pytest.mark.parametrize("run", range(3))
+def test_after_remove_the_next_request_on_a_kept_alive_connection_is_answered(
+    proxy: Proxy, cp: ControlPlane, run: int
+) -> None:
+    """Issue 16: once `hostagent vm remove` returns, the next request on the removed VM's
+    kept-alive connection is answered 403 `unknown_vm` with `Connection: close` (never a
+    close without an answer), nothing reaches the control plane, and the connection closes."""
+    address, _, _ = register(proxy, cp, f"keepalive{run}")
     sock = socket.create_connection(("127.0.0.1", proxy.port), source_address=(address, 0), timeout=5)
+    request = f"GET /runtime/whoami HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nMetadata: true\r\n\r\n".encode()
     try:
-        host = f"127.0.0.1:{proxy.port}"
-        sock.sendall(f"GET /metadata/v1/instance HTTP/1.1\r\nHost: {host}\r\nMetadata: true\r\n\r\n".encode())
-        answer = b""
-        while not answer.endswith(b"}"):
-            answer += sock.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 200")
-        proxy.hostagent("vm", "remove", "keepalive")
-        sock.settimeout(10)  # a timeout raises: an empty read is the proxy's close
-        assert sock.recv(65536) == b""
+        reader = sock.makefile("rb")
+        sock.sendall(request)
+        assert read_answer(reader)[0] == 200
+        proxy.hostagent("vm", "remove", f"keepalive{run}")
+        before = cp.requests_seen("/runtime/whoami")
+        sock.sendall(request)
+        status, headers, body = read_answer(reader)
+        assert (status, json.loads(body)["error"]["code"]) == (403, "unknown_vm")
+        assert headers["connection"] == "close"
+        assert reader.read() == b""  # then closed
+        assert cp.requests_seen("/runtime/whoami") == before
     finally:
         sock.close()
+
+
+def test_after_remove_an_idle_connection_closes_by_its_keep_alive_deadline(proxy: Proxy, cp: ControlPlane) -> None:
+    address, _, _ = register(proxy, cp, "idle")
+    sock = socket.create_connection(("127.0.0.1", proxy.port), source_address=(address, 0), timeout=5)
+    try:
+        sock.sendall(
+            f"GET /metadata/v1/instance HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nMetadata: true\r\n\r\n".encode()
+        )
+        assert read_answer(sock.makefile("rb"))[0] == 200
+        proxy.hostagent("vm", "remove", "idle")
+        sock.settimeout(KEEP_ALIVE_SECONDS + 5)  # generous: the point is that it closes at all
+        assert sock.recv(65536) == b""  # closed by the proxy, not by a timeout
+    finally:
+        sock.close()
+
+
+def read_answer(reader: Any) -> tuple[int, dict[str, str], bytes]:
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, reader.read(int(headers.get("content-length", "0")))
 
 
 def test_local_instance_endpoint(proxy: Proxy, cp: ControlPlane) -> None:

@@ -17,7 +17,7 @@ from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.registry import Registry
 from tests.harness import ControlPlane
-from tests.test_app import code, seen, sync
+from tests.test_app import as_guest, code, seen, sync
 
 pytestmark = pytest.mark.anyio
 
@@ -87,7 +87,7 @@ async def app(cp: ControlPlane, tmp_path: Path) -> AsyncIterator[ProxyApp]:
 
 
 def guest(app: ProxyApp, port: int) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, client=(VM, port))
+    transport = httpx.ASGITransport(app=as_guest(app, VM), client=(VM, port))
     return httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254", timeout=30)
 
 

@@ -1,0 +1,248 @@
+"""The seam with uvicorn and httptools (issue 16): every name and signature GuestProtocol
+relies on, pinned, so that an upgrade that renames one fails here, not in production; the
+guest protocol's transport has no catch-all; a broken seam fails closed.
+
+scripts/check-uvicorn-latest runs this file (and the protocol's other tests) against the
+newest uvicorn in a throwaway venv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httptools
+import pytest
+import uvicorn
+from uvicorn.protocols.http import flow_control, httptools_impl
+
+from controlplane import tokens
+from metadata_proxy.app import ProxyApp
+from metadata_proxy.config import ListenAddress, parse_config
+from metadata_proxy.forward import build_client
+from metadata_proxy.logs import AccessLog
+from metadata_proxy.protocol import CoalescingTransport, GuestProtocol
+from metadata_proxy.registry import Registry
+from metadata_proxy.server import _uvicorn_config, bind_listen
+from tests.harness import ControlPlane, free_port, run
+
+# uvicorn's HttpToolsProtocol methods GuestProtocol overrides and calls, with their parameters.
+OVERRIDDEN = {
+    "connection_made": ["self", "transport"],
+    "connection_lost": ["self", "exc"],
+    "on_message_begin": ["self"],
+    "on_header": ["self", "name", "value"],
+    "on_headers_complete": ["self"],
+    "on_body": ["self", "body"],
+    "on_message_complete": ["self"],
+    "on_response_complete": ["self"],
+    "pause_writing": ["self"],
+    "resume_writing": ["self"],
+    "send_400_response": ["self", "msg"],
+}
+# Attributes of a connected HttpToolsProtocol that GuestProtocol reads or sets.
+PROTOCOL_ATTRIBUTES = [
+    "parser",
+    "cycle",
+    "pipeline",
+    "scope",
+    "headers",
+    "transport",
+    "flow",
+    "client",
+    "loop",
+    "server_state",
+    "timeout_keep_alive_task",
+    "expect_100_continue",
+]
+# RequestResponseCycle's, set in its __init__.
+CYCLE_ATTRIBUTES = ["response_started", "response_complete", "disconnected", "keep_alive", "message_event"]
+
+
+def test_uvicorn_protocol_methods_are_where_the_seam_expects_them() -> None:
+    for name, parameters in OVERRIDDEN.items():
+        method = getattr(httptools_impl.HttpToolsProtocol, name, None)
+        assert callable(method), f"uvicorn's HttpToolsProtocol has no {name}()"
+        assert list(inspect.signature(method).parameters) == parameters, name
+        assert name in vars(GuestProtocol), f"GuestProtocol no longer overrides {name}"
+    assert not hasattr(GuestProtocol, "_start_asgi_task") or "_start_asgi_task" not in vars(GuestProtocol)
+    assert set(httptools_impl.STATUS_LINE) >= {400, 408, 429, 431}
+
+
+def test_uvicorn_attributes_the_seam_reads_exist() -> None:
+    init = inspect.getsource(httptools_impl.HttpToolsProtocol.__init__)
+    for name in PROTOCOL_ATTRIBUTES:
+        assert f"self.{name}" in init or f"self.{name} =" in inspect.getsource(httptools_impl.HttpToolsProtocol), name
+    cycle = inspect.getsource(httptools_impl.RequestResponseCycle.__init__)
+    for name in CYCLE_ATTRIBUTES:
+        assert f"self.{name} =" in cycle, name
+    assert "self.read_paused" in inspect.getsource(flow_control.FlowControl.__init__)
+    assert list(inspect.signature(uvicorn.Config).parameters)[:1] == ["app"]
+    for option in ("http", "ws", "proxy_headers", "timeout_keep_alive", "server_header", "lifespan"):
+        assert option in inspect.signature(uvicorn.Config).parameters, option
+
+
+def test_httptools_calls_the_callbacks_by_these_names() -> None:
+    calls: list[str] = []
+
+    class Recorder:
+        def on_message_begin(self) -> None:
+            calls.append("on_message_begin")
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            calls.append("on_header")
+
+        def on_headers_complete(self) -> None:
+            calls.append("on_headers_complete")
+
+        def on_chunk_header(self) -> None:
+            calls.append("on_chunk_header")
+
+        def on_body(self, body: bytes) -> None:
+            calls.append("on_body")
+
+        def on_message_complete(self) -> None:
+            calls.append("on_message_complete")
+
+    parser = httptools.HttpRequestParser(Recorder())
+    parser.feed_data(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: 1\r\n\r\n")
+    assert calls == [
+        "on_message_begin",
+        "on_header",
+        "on_header",
+        "on_headers_complete",
+        "on_chunk_header",
+        "on_body",
+        "on_chunk_header",
+        "on_header",  # the trailer field: after on_headers_complete, which is how it is told apart
+        "on_message_complete",
+    ]
+    upgrade = httptools.HttpRequestParser(Recorder())
+    with pytest.raises(httptools.HttpParserUpgrade):
+        upgrade.feed_data(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\nrest")
+    assert upgrade.should_upgrade()
+    assert issubclass(httptools.HttpParserCallbackError, httptools.HttpParserError)
+
+
+def test_the_guest_transport_is_a_transport_with_every_method_its_own() -> None:
+    assert issubclass(CoalescingTransport, asyncio.Transport)
+    assert "__getattr__" not in vars(CoalescingTransport)
+    public = {
+        name
+        for klass in asyncio.Transport.__mro__
+        for name, value in vars(klass).items()
+        if not name.startswith("_") and callable(value)
+    }
+    missing = public - set(vars(CoalescingTransport))
+    assert not missing, f"asyncio.Transport methods not spelled out: {missing}"
+
+
+class Recording(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_writelines_goes_through_the_buffer_in_order() -> None:
+    real = Recording()
+    guest = CoalescingTransport(real, asyncio.get_running_loop())
+    guest.write(b"a")
+    guest.writelines([b"b", bytearray(b"c"), memoryview(b"d")])
+    guest.write(b"e")
+    assert real.writes == []
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert real.writes == [b"abcde"]
+    assert guest.get_write_buffer_size() == 0
+    with pytest.raises(RuntimeError):
+        guest.set_protocol(asyncio.Protocol())  # a guest connection never switches protocol
+
+
+# -- a broken seam fails closed ---------------------------------------------------------------
+
+
+class NoOwner(GuestProtocol):
+    """The seam broken as an upgrade of uvicorn could break it: the owner never set."""
+
+    def on_message_begin(self) -> None:
+        httptools_impl.HttpToolsProtocol.on_message_begin(self)
+
+
+@asynccontextmanager
+async def served(cp: ControlPlane, tmp_path: Path, protocol: type[GuestProtocol]) -> AsyncIterator[bytes]:
+    port = free_port()
+    registry = tmp_path / "registry.sqlite3"
+    tmp_path.mkdir(exist_ok=True)  # as `hostagent host setup` makes the registry's directory
+    config = parse_config(
+        {
+            "host_id": "host-seam",
+            "listen": [f"127.0.0.1:{port}"],
+            "registry": str(registry),
+            "control_plane": {"url": cp.url, "timeout": 3, "retry_budget": 0.5},
+        }
+    )
+    secret = cp.secret_file.read_bytes().strip()
+    vm = json.dumps({"name": "s", "address": "127.0.0.180", "token": tokens.mint("vm-s", (None, secret))})
+    run("hostagent", "--registry", str(registry), "vm", "sync", "-", input=vm + "\n")
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    server = uvicorn.Server(_uvicorn_config(app, protocol.bind(app)))
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
+    await server.startup(sockets=[bind_listen(ListenAddress("127.0.0.1", port))])
+    try:
+        yield (
+            b"GET /runtime/whoami HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nMetadata: true\r\nConnection: close\r\n\r\n" % port
+        )
+    finally:
+        server.should_exit = True
+        await server.shutdown()
+        await client.aclose()
+
+
+async def ask(request: bytes) -> tuple[int, bytes]:
+    port = int(request.split(b"127.0.0.1:")[1].split(b"\r\n")[0])
+    sock = socket.socket()
+    sock.bind(("127.0.0.180", 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request)
+    received = await reader.read()
+    writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.anyio
+async def test_the_seam_works_and_a_broken_one_fails_closed(cp: ControlPlane, tmp_path: Path) -> None:
+    async with served(cp, tmp_path, GuestProtocol) as request:
+        status, body = await ask(request)
+        assert status == 200 and json.loads(body)["vm_id"] == "vm-s"
+    before = cp.requests_seen("/runtime/whoami")
+    async with served(cp, tmp_path / "broken", NoOwner) as request:
+        status, body = await ask(request)
+    assert (status, json.loads(body)["error"]["code"]) == (500, "internal_error")
+    assert cp.requests_seen("/runtime/whoami") == before
