@@ -483,8 +483,14 @@ class GuestProtocol(HttpToolsProtocol):
             log.info("%s did not read for %.0f s: cut off", self._peer, self.write_stall_seconds)
             transport.abort()
             return
+        if transport.is_closing():
+            # What was being read no longer matters: only the close's own deadline does (a
+            # read deadline already past, re-armed, would fire again at once, for ever).
+            self._read_deadline = None
+            self._arm()
+            return
         when = self._read_deadline
-        if when is None or now < when or transport.is_closing():
+        if when is None or now < when:
             self._arm()
             return
         cycle = self.cycle
