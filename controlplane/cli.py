@@ -37,6 +37,9 @@ EXIT_USAGE = 2
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
+__all__ = ["build_app", "main", "parser", "serve"]
+
+
 class Failure(Exception):
     """An expected failure, reported as one stderr line and exit 1."""
 

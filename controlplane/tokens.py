@@ -35,6 +35,21 @@ ALGORITHM = "HS256"
 MIN_SECRET_BYTES = 32
 
 
+__all__ = [
+    "Claims",
+    "InvalidToken",
+    "SecretError",
+    "Secrets",
+    "TokenError",
+    "UnknownVM",
+    "Verifier",
+    "fingerprint",
+    "load_secret_spec",
+    "mint",
+    "peek_claims",
+]
+
+
 class TokenError(Exception):
     """Base of this module's errors."""
 
