@@ -73,3 +73,35 @@ def test_paths_with_parameters_or_empty_segments_inside_one_route_are_forwarded(
         answer = exchange(fleet, vm.address, request(fleet, target))
         assert answer.status == 200, (target, answer)
         assert (answer.json()["raw_path"].encode(), answer.json()["vm_id"]) == (target, vm.vm_id)
+
+
+# -- headers towards the control plane ------------------------------------------------------
+
+CLIENT_ADDRESS_HEADERS = [
+    "Client-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+    "X-Original-Forwarded-For",
+    "X-Originating-IP",
+    "X-Remote-IP",
+    "X-Remote-Addr",
+    "X-Forwarded",
+    "Forwarded-For",
+]
+
+
+def test_client_address_headers_never_reach_the_control_plane(fleet: Fleet) -> None:
+    """A framework whose trusted proxies include private ranges (a VM's address is one) skips
+    the proxy's X-Forwarded-For and takes the client's address from these (Rails' remote_ip:
+    Client-IP): the guest would choose the address the control plane sees."""
+    vm = fleet.vms[2]
+    answer = exchange(
+        fleet, vm.address, request(fleet, "/runtime/echo/x", [(h, "10.9.9.9") for h in CLIENT_ADDRESS_HEADERS])
+    )
+    assert answer.status == 200, answer
+    sent = answer.json()["headers"]
+    assert [name for name, value in sent if value == "10.9.9.9"] == []
+    assert [value for name, value in sent if name == "x-forwarded-for"] == [vm.address]
