@@ -6,11 +6,23 @@ control plane, and that the VM is served after.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import io
+import json
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness import ControlPlane, Proxy, running
+from controlplane import tokens
+from metadata_proxy.app import ProxyApp
+from metadata_proxy.config import parse_config
+from metadata_proxy.forward import build_client
+from metadata_proxy.logs import AccessLog
+from metadata_proxy.owners import OWNER_KEY
+from metadata_proxy.registry import Registry
+from tests.harness import ControlPlane, Proxy, run, running
 from tests.test_hostile import Fleet, exchange, refused, request
 
 ROUTES = """
@@ -36,6 +48,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, cp: ControlPlane) -> Iterato
     proxy = Proxy(tmp_path_factory.mktemp("attack"), cp.url, ROUTES, 'host_aliases = ["metadata.internal"]').start()
     with running(proxy):
         yield Fleet(proxy, cp, [f"a{i:02d}" for i in range(8)], 160)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 # -- route matching: a narrower route's guard is not bypassed through a wider one -------------
@@ -105,3 +122,104 @@ def test_client_address_headers_never_reach_the_control_plane(fleet: Fleet) -> N
     sent = answer.json()["headers"]
     assert [name for name, value in sent if value == "10.9.9.9"] == []
     assert [value for name, value in sent if name == "x-forwarded-for"] == [vm.address]
+
+
+# -- coalescing: an answer fetched for one VM is never shared with another -------------------
+
+
+def _sync(cp: ControlPlane, registry: Path, vms: dict[str, tuple[str, str]]) -> None:
+    """Make `registry` hold exactly `vms`: name -> (address, vm_id)."""
+    secret = cp.secret_file.read_bytes().strip()
+    lines = [
+        json.dumps({"name": name, "address": address, "token": tokens.mint(vm_id, (None, secret))})
+        for name, (address, vm_id) in vms.items()
+    ]
+    run("hostagent", "--registry", str(registry), "vm", "sync", "-", input="\n".join(lines) + "\n")
+
+
+class Guest:
+    """One request to the app as GuestProtocol hands it over (the connection's owner in the
+    scope), from a guest that reads the answer's head and then, until `reading` is set, not
+    its body: the proxy's write waits (uvicorn's send blocks while the guest does not read)."""
+
+    def __init__(self, app: ProxyApp, address: str, target: bytes) -> None:
+        path, _, query = target.partition(b"?")
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path.decode(),
+            "raw_path": path,
+            "query_string": query,
+            "headers": [(b"host", b"169.254.169.254"), (b"metadata", b"true")],
+            "client": (address, 40000),
+            "server": ("169.254.169.254", 80),
+            OWNER_KEY: app.owners.accept(address),
+        }
+        self.app = app
+        self.started = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.status = 0
+        self.body = b""
+        self._sent = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._sent:
+            self._sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the guest stays connected
+        raise AssertionError("unreachable")
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.started.set()
+        elif message["type"] == "http.response.body":
+            await self.reading.wait()
+            self.body += message.get("body", b"")
+
+    async def run(self) -> None:
+        self.app.owners.input_arrived()
+        await self.app(self.scope, self.receive, self.send)
+
+
+@pytest.mark.anyio
+async def test_a_flight_is_not_shared_with_a_new_vm_given_the_old_ones_name(cp: ControlPlane, tmp_path: Path) -> None:
+    """VM `web` (vm-old) asks for a cacheable answer and reads it slowly; meanwhile the host
+    destroys it and gives its name and address to a new VM (vm-new), whose identical GET
+    begins after `hostagent` returned. That GET found the old VM's call in flight under the
+    same (name, target) key and was answered with the old VM's answer (fetched with its
+    token, naming it), once the old guest read its copy."""
+    registry = tmp_path / "registry.sqlite3"
+    address = "10.77.0.2"
+    _sync(cp, registry, {"web": (address, "vm-old")})
+    config = parse_config(
+        {
+            "host_id": "host-attack",
+            "listen": ["169.254.169.254:80"],
+            "registry": str(registry),
+            "control_plane": {"url": cp.url, "timeout": 5, "retry_budget": 0.5},
+            "routes": [{"prefix": "/runtime/"}],
+        }
+    )
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    target = b"/runtime/cached?max_age=60&delay=0.2"
+    try:
+        old = Guest(app, address, target)
+        old_call = asyncio.create_task(old.run())
+        await asyncio.wait_for(old.started.wait(), 10)  # answered and stored; its body not yet read
+        await asyncio.to_thread(_sync, cp, registry, {"web": (address, "vm-new")})
+        new = Guest(app, address, target)  # a connection of the new VM, after the change
+        new.reading.set()
+        new_call = asyncio.create_task(new.run())
+        await asyncio.sleep(0.5)  # the new VM's GET has found the old call in flight, if it would
+        old.reading.set()
+        await asyncio.wait_for(asyncio.gather(old_call, new_call), 15)
+        assert json.loads(old.body)["vm_id"] == "vm-old"
+        assert new.status == 200, new.body
+        assert json.loads(new.body)["vm_id"] == "vm-new"
+    finally:
+        await client.aclose()
