@@ -350,7 +350,11 @@ class ProxyApp:
             if self.flights.coalesces(vm.name, raw_path):
                 leader = self.flights.in_flight(key)
                 if leader is None:
-                    flight = self.flights.take_off(key)
+                    flight = self.flights.take_off(key, vm)
+                elif leader.caller != vm:
+                    # Begun for the VM that held this name before a change (removed and the
+                    # name given to another VM, or re-keyed): its answer is not ours to share.
+                    pass
                 else:
                     try:
                         shared = await self.wait_for(ex, leader)

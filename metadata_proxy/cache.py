@@ -181,12 +181,15 @@ MAX_UNCACHEABLE = 4096
 
 class Flight:
     """One GET in flight to the control plane. Waiters take `outcome()`, resolved by `land`:
-    an entry to answer with and how ("shared" or "stale"), or None (call on your own)."""
+    an entry to answer with and how ("shared" or "stale"), or None (call on your own).
+    `caller`: who made the call (the app's VM, token included); only an equal caller may wait
+    for it: the key's VM name may pass to another VM, or the VM to another token, meanwhile."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "caller")
 
-    def __init__(self) -> None:
+    def __init__(self, caller: object = None) -> None:
         self._future: asyncio.Future[tuple[Entry, str] | None] | None = None  # made by the first waiter
+        self.caller = caller
 
     def outcome(self) -> asyncio.Future[tuple[Entry, str] | None]:
         if self._future is None:
@@ -214,11 +217,11 @@ class Flights:
     def in_flight(self, key: Key) -> Flight | None:
         return self._flying.get(key)
 
-    def take_off(self, key: Key) -> Flight | None:
-        """Register the caller's call as the one in flight for `key` (None if one already is)."""
+    def take_off(self, key: Key, caller: object = None) -> Flight | None:
+        """Register `caller`'s call as the one in flight for `key` (None if one already is)."""
         if key in self._flying:
             return None
-        flight = self._flying[key] = Flight()
+        flight = self._flying[key] = Flight(caller)
         return flight
 
     def land(self, key: Key, flight: Flight, result: tuple[Entry, str] | None) -> None:

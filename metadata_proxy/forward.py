@@ -38,23 +38,47 @@ HOP_BY_HOP = frozenset(
 # frameworks behind a proxy trust to rewrite a request after our checks: the method
 # (X-HTTP-Method-Override and kin: the method policy), the path (X-Original-URL,
 # X-Rewrite-URL: the path checks and route guards) and, by the prefixes below, the
-# X-Forwarded-Host/Proto/Port/Prefix family (URLs built for another origin).
-_REQUEST_DROP = HOP_BY_HOP | {
-    b"x-http-method-override",
-    b"x-http-method",
-    b"x-method-override",
-    b"x-original-url",
-    b"x-rewrite-url",
-    b"host",
-    b"authorization",
-    b"cookie",
-    b"content-length",
-    b"expect",
-    b"x-request-id",
-    b"x-metadata-proxy-host",
-    b"x-metadata-token",
-    b"x-metadata-token-ttl-seconds",
-}
+# X-Forwarded-Host/Proto/Port/Prefix family (URLs built for another origin). And the
+# client-address headers beside the three the checks refuse: frameworks take the client's
+# address from them when the one in X-Forwarded-For is a private (trusted-proxy) address,
+# as a VM's is (Rails' remote_ip reads Client-IP; CDN-aware stacks True-Client-IP,
+# CF-Connecting-IP, ...): the guest would name the address the control plane sees.
+_CLIENT_ADDRESS = frozenset(
+    {
+        b"client-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-original-forwarded-for",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-forwarded",
+        b"forwarded-for",
+    }
+)
+_REQUEST_DROP = (
+    HOP_BY_HOP
+    | _CLIENT_ADDRESS
+    | {
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"host",
+        b"authorization",
+        b"cookie",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+        b"x-metadata-proxy-host",
+        b"x-metadata-token",
+        b"x-metadata-token-ttl-seconds",
+    }
+)
 _REQUEST_DROP_PREFIXES = (b"proxy-", b"x-forwarded-")
 # `date` too: uvicorn (date_header, on by default) writes its own on every answer, and a
 # second Date would make the one field that must be single ambiguous.

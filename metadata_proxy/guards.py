@@ -32,6 +32,10 @@ MAX_SESSION_TTL = 21600
 _PLAIN_PATH = re.compile(rb"/[^%.\\\x00-\x1f\x7f-\xff]*")
 # C0, DEL and C1 controls (U+0080..U+009F: NEL and friends end lines in some parsers), and '\'.
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+# What many servers drop before routing: a segment's path parameters (`;x`: Tomcat, Jetty,
+# Spring) and empty segments (`//`: nginx's merge_slashes, Spring, Go routers that clean).
+_PATH_PARAMETERS = re.compile(rb";[^/]*")
+_EMPTY_SEGMENTS = re.compile(rb"//+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +235,9 @@ def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
     (``/runtime/identity/`` with ``privileged_port`` inside ``/runtime/``): a narrower
     route's own name, its prefix without the trailing slash (``/runtime/identity``), is that
     route's and not the wider one's; and a path that falls under one route as sent and under
-    another once percent-decoded, as the control plane will read it (``/runtime/%69dentity``),
-    is under none (404).
+    another once percent-decoded, or without its path parameters and empty segments, as the
+    control plane may read it (``/runtime/%69dentity``, ``/runtime//identity/``,
+    ``/runtime/identity;x``), is under none (404).
     """
     best: Route | None = None
     size = 0
@@ -248,6 +253,12 @@ def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
         return None  # a bare name no route covers stays unmatched ("/runtime" is not_found)
     if named is not None:
         return named
+    # As a server that drops path parameters and empty segments reads it: the same route,
+    # else under none (`/runtime//identity/`, `/runtime/identity;x` are the identity route's).
+    if b";" in raw_path or b"//" in raw_path:
+        read = _EMPTY_SEGMENTS.sub(b"/", _PATH_PARAMETERS.sub(b"", raw_path))
+        if match_route(read, routes) is not best:
+            return None
     if b"%" in raw_path:
         # Each round of decoding must stay under the same route (check_path bounds the rounds).
         decoded = unquote_to_bytes(raw_path)

@@ -483,14 +483,16 @@ class GuestProtocol(HttpToolsProtocol):
             log.info("%s did not read for %.0f s: cut off", self._peer, self.write_stall_seconds)
             transport.abort()
             return
-        if transport.is_closing():
-            # What was being read no longer matters: only the close's own deadline does (a
-            # read deadline already past, re-armed, would fire again at once, for ever).
-            self._read_deadline = None
-            self._arm()
-            return
         when = self._read_deadline
-        if when is None or now < when:
+        if when is None or now < when or transport.is_closing():
+            if when is not None and now >= when:
+                # Closing (its write buffer still draining): what was being read no longer
+                # matters, and a deadline left in the past would re-arm the timer for that
+                # instant on every pass of the loop (a busy loop until the close's own
+                # deadline). The close keeps one, whoever began it.
+                self._read_deadline = None
+                if self._closing_at is None:
+                    self._closing_at = now + CLOSE_SECONDS
             self._arm()
             return
         cycle = self.cycle

@@ -1027,9 +1027,10 @@ class RecordingSocket(asyncio.Transport):
 
 
 def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
-    """GuestProtocol driven on ClockLoop: the 408 comes at the deadline to the instant, counted
-    from each head's own first byte; a connection that sends nothing is closed, silently, at
-    the accept's deadline."""
+    """GuestProtocol driven on ClockLoop: the silent close of a connection that sent nothing
+    comes at the accept's deadline, and a head's 408 at its own deadline, to the instant,
+    counted from that head's first byte (README, "Slow and greedy guests"), the first head's
+    as a later one's."""
     deadline = 5.0
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -1074,7 +1075,7 @@ def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
     assert not slow_socket.closed  # its head began at 1 s
     loop.advance(1 - 0.001)
     assert not slow_socket.closed
-    loop.advance(0.001)  # 5 s from the head's first byte
+    loop.advance(0.001)  # the first head's own deadline
     assert timed_out(slow_socket)
     assert not kept_socket.closed and kept_socket.written == answer
     loop.advance(2 - 0.001)

@@ -1,0 +1,267 @@
+"""A hostile guest against the real `metadata-proxy serve` and `controlplane serve`: the
+attacks the other hostile suites (test_hostile, test_slow_greedy) did not cover and that
+broke something. Raw bytes; each refusal asserts status, code, that nothing reached the
+control plane, and that the VM is served after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from controlplane import tokens
+from metadata_proxy.app import ProxyApp
+from metadata_proxy.config import parse_config
+from metadata_proxy.forward import build_client
+from metadata_proxy.logs import AccessLog
+from metadata_proxy.owners import OWNER_KEY
+from metadata_proxy.protocol import GuestProtocol
+from metadata_proxy.registry import Registry
+from metadata_proxy.server import _uvicorn_config
+from tests.harness import ControlPlane, Proxy, run, running
+from tests.test_hostile import ClockLoop, Fleet, RecordingSocket, exchange, refused, request
+
+ROUTES = """
+[limits]
+requests_per_second = 500
+burst = 1000
+
+[[routes]]
+prefix = "/runtime/"
+
+[[routes]]
+prefix = "/runtime/echo/priv/"
+privileged_port = true
+
+[[routes]]
+prefix = "/runtime/echo/session/"
+guard = "session"
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, cp: ControlPlane) -> Iterator[Fleet]:
+    proxy = Proxy(tmp_path_factory.mktemp("attack"), cp.url, ROUTES, 'host_aliases = ["metadata.internal"]').start()
+    with running(proxy):
+        yield Fleet(proxy, cp, [f"a{i:02d}" for i in range(8)], 160)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- route matching: a narrower route's guard is not bypassed through a wider one -------------
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        # An empty segment: nginx (merge_slashes), Spring and path-cleaning routers read
+        # `/runtime/echo/priv/x`; the proxy matched `/runtime/` and skipped the port rule.
+        b"/runtime/echo//priv/x",
+        b"/runtime//echo/priv/x",
+        b"/runtime/echo///priv/",
+        # Path parameters: Tomcat, Jetty and Spring drop `;x` from a segment before routing.
+        b"/runtime/echo;x/priv/x",
+        b"/runtime;x/echo/priv/x",
+        b"/runtime/echo/priv;x",  # the route's bare name, with a parameter
+        b"/runtime/echo/priv;/x",
+        b"/runtime/echo%3bx/priv/x",  # the same, percent-encoded
+        # The session route's token check, likewise.
+        b"/runtime/echo//session/x",
+        b"/runtime/echo/session;x",
+    ],
+)
+def test_a_narrower_routes_guard_is_not_bypassed_by_how_upstream_reads_the_path(
+    fleet: Fleet, cp: ControlPlane, target: bytes
+) -> None:
+    vm = fleet.vms[0]
+    refused(fleet, cp, vm, request(fleet, target), 404, "not_found")
+
+
+def test_paths_with_parameters_or_empty_segments_inside_one_route_are_forwarded(fleet: Fleet) -> None:
+    vm = fleet.vms[1]
+    for target in (b"/runtime/echo/a;b", b"/runtime/echo//a", b"/runtime/echo/a;b/c"):
+        answer = exchange(fleet, vm.address, request(fleet, target))
+        assert answer.status == 200, (target, answer)
+        assert (answer.json()["raw_path"].encode(), answer.json()["vm_id"]) == (target, vm.vm_id)
+
+
+# -- headers towards the control plane ------------------------------------------------------
+
+CLIENT_ADDRESS_HEADERS = [
+    "Client-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "CF-Connecting-IP",
+    "Fastly-Client-IP",
+    "X-Original-Forwarded-For",
+    "X-Originating-IP",
+    "X-Remote-IP",
+    "X-Remote-Addr",
+    "X-Forwarded",
+    "Forwarded-For",
+]
+
+
+def test_client_address_headers_never_reach_the_control_plane(fleet: Fleet) -> None:
+    """A framework whose trusted proxies include private ranges (a VM's address is one) skips
+    the proxy's X-Forwarded-For and takes the client's address from these (Rails' remote_ip:
+    Client-IP): the guest would choose the address the control plane sees."""
+    vm = fleet.vms[2]
+    answer = exchange(
+        fleet, vm.address, request(fleet, "/runtime/echo/x", [(h, "10.9.9.9") for h in CLIENT_ADDRESS_HEADERS])
+    )
+    assert answer.status == 200, answer
+    sent = answer.json()["headers"]
+    assert [name for name, value in sent if value == "10.9.9.9"] == []
+    assert [value for name, value in sent if name == "x-forwarded-for"] == [vm.address]
+
+
+# -- coalescing: an answer fetched for one VM is never shared with another -------------------
+
+
+def _sync(cp: ControlPlane, registry: Path, vms: dict[str, tuple[str, str]]) -> None:
+    """Make `registry` hold exactly `vms`: name -> (address, vm_id)."""
+    secret = cp.secret_file.read_bytes().strip()
+    lines = [
+        json.dumps({"name": name, "address": address, "token": tokens.mint(vm_id, (None, secret))})
+        for name, (address, vm_id) in vms.items()
+    ]
+    run("hostagent", "--registry", str(registry), "vm", "sync", "-", input="\n".join(lines) + "\n")
+
+
+class Guest:
+    """One request to the app as GuestProtocol hands it over (the connection's owner in the
+    scope), from a guest that reads the answer's head and then, until `reading` is set, not
+    its body: the proxy's write waits (uvicorn's send blocks while the guest does not read)."""
+
+    def __init__(self, app: ProxyApp, address: str, target: bytes) -> None:
+        path, _, query = target.partition(b"?")
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path.decode(),
+            "raw_path": path,
+            "query_string": query,
+            "headers": [(b"host", b"169.254.169.254"), (b"metadata", b"true")],
+            "client": (address, 40000),
+            "server": ("169.254.169.254", 80),
+            OWNER_KEY: app.owners.accept(address),
+        }
+        self.app = app
+        self.started = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.status = 0
+        self.body = b""
+        self._sent = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._sent:
+            self._sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the guest stays connected
+        raise AssertionError("unreachable")
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.started.set()
+        elif message["type"] == "http.response.body":
+            await self.reading.wait()
+            self.body += message.get("body", b"")
+
+    async def run(self) -> None:
+        self.app.owners.input_arrived()
+        await self.app(self.scope, self.receive, self.send)
+
+
+@pytest.mark.anyio
+async def test_a_flight_is_not_shared_with_a_new_vm_given_the_old_ones_name(cp: ControlPlane, tmp_path: Path) -> None:
+    """VM `web` (vm-old) asks for a cacheable answer and reads it slowly; meanwhile the host
+    destroys it and gives its name and address to a new VM (vm-new), whose identical GET
+    begins after `hostagent` returned. That GET found the old VM's call in flight under the
+    same (name, target) key and was answered with the old VM's answer (fetched with its
+    token, naming it), once the old guest read its copy."""
+    registry = tmp_path / "registry.sqlite3"
+    address = "10.77.0.2"
+    _sync(cp, registry, {"web": (address, "vm-old")})
+    config = parse_config(
+        {
+            "host_id": "host-attack",
+            "listen": ["169.254.169.254:80"],
+            "registry": str(registry),
+            "control_plane": {"url": cp.url, "timeout": 5, "retry_budget": 0.5},
+            "routes": [{"prefix": "/runtime/"}],
+        }
+    )
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    target = b"/runtime/cached?max_age=60&delay=0.2"
+    try:
+        old = Guest(app, address, target)
+        old_call = asyncio.create_task(old.run())
+        await asyncio.wait_for(old.started.wait(), 10)  # answered and stored; its body not yet read
+        await asyncio.to_thread(_sync, cp, registry, {"web": (address, "vm-new")})
+        new = Guest(app, address, target)  # a connection of the new VM, after the change
+        new.reading.set()
+        new_call = asyncio.create_task(new.run())
+        await asyncio.sleep(0.5)  # the new VM's GET has found the old call in flight, if it would
+        old.reading.set()
+        await asyncio.wait_for(asyncio.gather(old_call, new_call), 15)
+        assert json.loads(old.body)["vm_id"] == "vm-old"
+        assert new.status == 200, new.body
+        assert json.loads(new.body)["vm_id"] == "vm-new"
+    finally:
+        await client.aclose()
+
+
+# -- deadlines: a closing connection's timer ------------------------------------------------
+
+
+def test_a_closing_connection_does_not_spin_on_a_passed_read_deadline() -> None:
+    """A read deadline passes (here the accept's first-byte one; likewise a 408 or a refusal)
+    and the connection closes, its write buffer still draining (the guest does not read): the
+    passed deadline stayed set, so the timer re-armed itself for that past instant and fired on
+    every pass of the event loop, a busy loop of the whole process until the close's own
+    deadline (2 s) aborted it. On ClockLoop the pass never ends: bounded here to 1000 firings."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("no request arrives")
+
+    config = _uvicorn_config(app, GuestProtocol)
+    config.load()
+    loop = ClockLoop()
+    peers: Counter[str] = Counter()
+    bound = type("Spin", (GuestProtocol,), {"open_by_peer": peers, "header_timeout": 5.0})
+    transport = RecordingSocket("127.0.0.151")  # close() leaves it closing: the kernel has not drained it
+    protocol = bound(config, uvicorn.server.ServerState(), {}, _loop=loop)
+    protocol.connection_made(transport)
+
+    firings = 0
+    loop.now = 5.0  # the accept's deadline
+    while due := sorted((t for t in loop.timers if t.when <= loop.now and not t.cancelled), key=lambda t: t.when):
+        loop.timers.remove(due[0])
+        due[0].callback(*due[0].args)
+        firings += 1
+        assert firings < 1000, "the deadline timer keeps firing at the same instant"
+    assert transport.closed and transport.written == b""  # closed, nothing said
+    pending = [t.when for t in loop.timers if not t.cancelled]
+    assert pending and min(pending) > 5.0  # the close's own deadline, not the passed one
+    loop.advance(2.0)  # the close did not complete within CLOSE_SECONDS: aborted, the timer gone
+    assert not [t for t in loop.timers if not t.cancelled and t.when <= loop.now]
+    protocol.connection_lost(None)
+    assert not peers
