@@ -381,13 +381,14 @@ class GuestProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """The server drains (SIGTERM): uvicorn closes every connection that has no request
-        in flight. One that has not begun its first request was accepted a moment before,
-        its request possibly already on the way: the guest cannot tell it from a connection
-        still in the listening queue, which the next process serves (socket activation:
-        a restart or an upgrade), and must not get a close without an answer. So its first
-        request is answered and the connection closed after it; one that sends nothing is
-        closed by its accept deadline, which the drain outlasts."""
-        if not self._requests and not self.transport.is_closing():
+        in flight. One whose first request head is not complete yet (none of it, or only
+        part of it, has arrived) was accepted a moment before, its request on the way: the
+        guest cannot tell it from a connection still in the listening queue, which the next
+        process serves (socket activation: a restart or an upgrade), and must not get a close
+        without an answer. So its first request is answered and the connection closed after
+        it; one that sends nothing (or never completes its head) is closed by its accept or
+        head deadline, which the drain outlasts."""
+        if self.cycle is None and not self.transport.is_closing():
             self._close_after_first = True
             return
         super().shutdown()
