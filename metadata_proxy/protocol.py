@@ -363,8 +363,8 @@ class GuestProtocol(HttpToolsProtocol):
         # The only request in flight: nothing to wait for, out now (one guest at a time:
         # latency). Else at the end of the pass, with the other answers completed in it:
         # the guests' side wakes once for all of them and sends its next requests together,
-        # so the proxy's next pass is as large (bench/: a quarter more throughput at 32
-        # connections than writing each answer as it completes).
+        # so the proxy's next pass is as large (bench/ measures it against writing each
+        # answer as it completes).
         app = self.proxy_app
         if app is None or app.in_flight <= 1:
             self._writes.flush()
