@@ -286,10 +286,10 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
 # A fault no code path expects, injected at start-up through `sitecustomize` (the standard
 # library's own hook), into a third-party or standard-library call each command makes.
 # Only calls that name `only` fail, when given: coverage's own data file is SQLite too.
-def _fault(module: str, function: str, only: str = "") -> str:
+def _fault(module: str, function: str, only: str = "", message: str = "injected fault") -> str:
     real = f"_real = {module}.{function}\n"
     spare = f"    if {only!r} not in str(a[:1]):\n        return _real(*a, **k)\n" if only else ""
-    body = "    raise ZeroDivisionError('injected fault')"
+    body = f"    raise ZeroDivisionError({message!r})"
     return f"import {module}\n{real}def fault(*a, **k):\n{spare}{body}\n{module}.{function} = fault\n"
 
 
@@ -334,3 +334,41 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_is_kept(tool: str, tm
     assert (
         debug.stderr.splitlines()[-1] == f"{tool}: internal error: ZeroDivisionError: injected fault (traceback above)"
     )
+
+
+# A runtime token's shape (header, claims, signature); no real token.
+_LEAKED = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ2bS0xIn0.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize("tool", sorted(_FAULTS))
+def test_an_unexpected_error_never_shows_a_token(tool: str, tmp_path: Path) -> None:
+    """A token that reached an exception's message is redacted, in the line and the
+    traceback, by every command line (serve's traceback goes to the journal)."""
+    _, template = _FAULTS[tool]
+    module, function, only = {
+        "metadata-proxy": ("tomllib", "load", ""),
+        "hostagent": ("sqlite3", "connect", "registry"),
+        "controlplane": ("jwt", "encode", ""),
+    }[tool]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_fault(module, function, only, message=f"bad header {_LEAKED}"))
+    (tmp_path / "config.toml").write_text('host_id = "h"\n[control_plane]\nurl = "http://127.0.0.1:9"\n')
+    (tmp_path / "secret").write_text("s" * 32)
+    (tmp_path / "registry.sqlite3").write_bytes(b"")
+    values = {
+        "config": tmp_path / "config.toml",
+        "registry": tmp_path / "registry.sqlite3",
+        "secret": tmp_path / "secret",
+    }
+    args = [part.format(**values) for part in template]
+    env = {**os.environ, "PYTHONPATH": str(hook), "TMPDIR": str(tmp_path)}
+    for debug in ([], ["--debug"]):
+        result = subprocess.run(
+            [str(BIN / tool), *debug, *args], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert result.returncode == 1
+        assert "<token redacted>" in result.stderr.splitlines()[-1], result.stderr
+        assert _LEAKED not in result.stderr
+        for kept in tmp_path.glob(f"{tool}-traceback-*.txt"):
+            assert "Traceback" in kept.read_text() and _LEAKED not in kept.read_text()
