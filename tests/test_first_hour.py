@@ -21,7 +21,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from metadata_proxy.version import version
-from tests.harness import BIN, ControlPlane, Proxy, free_port, run, running, stop
+from tests.harness import BIN, REPO, ControlPlane, Proxy, free_port, run, running, stop
 
 META = {"Metadata": "true"}
 IN_CI = os.environ.get("CI") == "true"
@@ -243,6 +243,29 @@ def test_check_config_loads_the_tls_material_and_names_the_bad_file(shared_dir: 
         assert result.returncode == 1, result
         assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
         assert expected in result.stderr, result.stderr
+
+
+def test_the_production_example_passes_check_config(shared_dir: Path) -> None:
+    """examples/config.toml as shipped, with only its /etc/metadata-proxy files (and the
+    registry) placed here: every key and value it spells out is valid."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("hv-042")
+    ca.cert_pem.write_to_path(str(shared_dir / "ca.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(shared_dir / "host.pem"))
+    leaf.private_key_pem.write_to_path(str(shared_dir / "host.key"))
+    for path in shared_dir.iterdir():
+        path.chmod(0o644)
+    text = (REPO / "examples" / "config.toml").read_text()
+    moved = text.replace("/etc/metadata-proxy/", f"{shared_dir}/").replace("/var/lib/metadata-proxy/", f"{shared_dir}/")
+    assert moved.count(f'"{shared_dir}/') == 4  # ca_file, client_cert, client_key, registry
+    config = shared_dir / "config.toml"
+    config.write_text(moved)
+    config.chmod(0o644)
+    result = run("metadata-proxy", "check-config", "--config", str(config), "--user", "nobody", check=False)
+    assert result.returncode == 0, result.stderr
+    assert "routes /runtime/ (header), /runtime/identity/ (session), /twirp/ (none), /runtime/github/ (none)" in (
+        result.stdout
+    )
 
 
 def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Path) -> None:
