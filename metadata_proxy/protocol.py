@@ -470,6 +470,10 @@ class GuestProtocol(HttpToolsProtocol):
             return True  # on_response_complete starts the drain
         self._stopped = True
         self.owner.closed = True
+        # Nothing more is read: a read deadline left behind would have the timer fire for it,
+        # find the transport closing and re-arm for it, once per loop pass until the close
+        # completes (a busy loop for as long as a guest that does not read holds it open).
+        self._read_deadline = None
         self._closing_at = self.loop.time() + CLOSE_SECONDS
         self._arm()
         return False
