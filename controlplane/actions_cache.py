@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import anyio.to_thread
 from starlette.background import BackgroundTask
@@ -488,6 +489,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-scope-bytes", type=_bytes, default=CacheLimits.scope_bytes, metavar="N")
 
 
+def _has_password(url: str) -> bool:
+    """True when a postgresql:// URL names a password, in its user part or as a parameter."""
+    parts = urlsplit(url)
+    return parts.password is not None or any(name.lower() == "password" for name, _ in parse_qsl(parts.query))
+
+
 def from_args(args: argparse.Namespace) -> CacheService:
     """The service ``serve``'s options describe: the key read, the container created, the index opened."""
     if not args.blob_account or not args.blob_key_file:
@@ -496,6 +503,9 @@ def from_args(args: argparse.Namespace) -> CacheService:
         raise CacheSetupError(f"--blob-url {args.blob_url!r}: must be an http:// or https:// URL")
     if args.database is not None and not args.database.startswith(("postgresql://", "postgres://")):
         raise CacheSetupError("--database must be a postgresql:// URL")
+    if args.database is not None and _has_password(args.database):
+        # argv is readable by every user of the machine (ps, /proc): the password belongs in a file.
+        raise CacheSetupError("--database must not carry a password (argv is public): put it in PGPASSFILE")
     try:
         key = base64.b64decode(args.blob_key_file.read_text().strip(), validate=True)
     except OSError as exc:

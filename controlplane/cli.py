@@ -253,14 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Usage as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    except (
-        Failure,
-        TokenError,
-        VmFileError,
-        identity.SigningKeyError,
-        tls.TLSError,
-        actions_cache.CacheSetupError,
-    ) as exc:
+    except _EXPECTED_FAILURES as exc:
         print(f"controlplane: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except (OSError, ValueError) as exc:  # e.g. the port is taken: one line, not a traceback

@@ -42,6 +42,7 @@ from starlette.routing import BaseRoute, Route
 
 from controlplane.app import authenticate, error_response
 from controlplane.tls import client_identity
+from controlplane.tokens import split_spec
 from controlplane.vms import VmDirectory
 
 __all__ = [
@@ -109,17 +110,12 @@ class SigningKey:
     def from_spec(cls, spec: str) -> SigningKey:
         """Load a ``--signing-key`` spec, ``FILE`` or ``KID:FILE``.
 
-        As with ``--secret-file``, the text before the first ``:`` is a kid only when the
-        whole spec is not an existing path. The file must not be readable by everyone.
+        Read as ``--secret-file`` is (tokens.split_spec). The file must not be readable by everyone.
         """
-        kid: str | None = None
-        path = spec
-        if ":" in spec and not os.path.exists(spec):
-            kid, path = spec.split(":", 1)
-            if not kid:
-                raise SigningKeyError(f"signing key spec {spec!r} has an empty key id before ':'")
-        if not path:
-            raise SigningKeyError("a signing key spec names no file")
+        try:
+            kid, path = split_spec(spec, "signing key")
+        except ValueError as exc:
+            raise SigningKeyError(str(exc)) from None
         try:
             with open(path, "rb") as file:
                 mode = os.fstat(file.fileno()).st_mode

@@ -74,21 +74,33 @@ def _checked_secret(secret: bytes, where: str) -> bytes:
     return secret
 
 
-def load_secret_spec(spec: str) -> tuple[str | None, bytes]:
-    """Read a ``--secret-file`` spec, ``FILE`` or ``KID:FILE``, into ``(kid, secret)``.
+def split_spec(spec: str, what: str) -> tuple[str | None, str]:
+    """A key file option's spec, ``FILE`` or ``KID:FILE``, as ``(kid, path)``; ValueError
+    naming `what` ("secret", "signing key") for an empty kid or path.
 
     The text before the first ``:`` is a kid only when the whole spec is not an existing
-    path, so a file whose name contains ``:`` still works as an unnamed secret. The file
-    holds the raw secret; surrounding whitespace is ignored. Raises SecretError naming the file.
+    path, so a file whose name contains ``:`` still works without a kid.
     """
     kid: str | None = None
     path = spec
     if ":" in spec and not os.path.exists(spec):
         kid, path = spec.split(":", 1)
         if not kid:
-            raise SecretError(f"secret spec {spec!r} has an empty key id before ':'")
+            raise ValueError(f"{what} spec {spec!r} has an empty key id before ':'")
     if not path:
-        raise SecretError("a secret spec names no file")
+        raise ValueError(f"a {what} spec names no file")
+    return kid, path
+
+
+def load_secret_spec(spec: str) -> tuple[str | None, bytes]:
+    """Read a ``--secret-file`` spec, ``FILE`` or ``KID:FILE`` (`split_spec`), into ``(kid, secret)``.
+
+    The file holds the raw secret; surrounding whitespace is ignored. Raises SecretError naming the file.
+    """
+    try:
+        kid, path = split_spec(spec, "secret")
+    except ValueError as exc:
+        raise SecretError(str(exc)) from None
     try:
         secret = Path(path).read_bytes().strip()
     except OSError as exc:

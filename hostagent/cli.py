@@ -11,14 +11,13 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
 from controlplane.tokens import fingerprint
 from hostagent import netns, store
-from metadata_proxy.cli_errors import report_unexpected
+from metadata_proxy.cli_errors import JWT_SHAPE, redact_tokens, report_unexpected
 from metadata_proxy.config import DEFAULT_LISTEN, DEFAULT_PATH, DEFAULT_REGISTRY, ConfigError, load_config
 from metadata_proxy.registry import VM
 from metadata_proxy.version import version
@@ -27,9 +26,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 MAX_TOKEN_BYTES = 64 * 1024  # a runtime JWT is a few hundred bytes; anything near this is not one
-
-
-_JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 class Failed(Exception):
@@ -98,7 +94,7 @@ def _dump(value: object) -> None:
 
 
 def _read_token(source: str) -> str:
-    if _JWT_SHAPE.fullmatch(source) and not os.path.exists(source):
+    if JWT_SHAPE.fullmatch(source) and not os.path.exists(source):
         # Someone passed the token itself: refuse without echoing it back into a log.
         raise Failed("--token-file names a file (or - for stdin); it looks like a token was given instead")
     try:
@@ -268,7 +264,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, except that a usage error never echoes something shaped like a token."""
 
     def error(self, message: str) -> NoReturn:
-        super().error(_JWT_SHAPE.sub("<token redacted>", message))
+        super().error(redact_tokens(message))
 
 
 def _command(group: argparse._SubParsersAction[_Parser], name: str, what: str) -> _Parser:
@@ -352,17 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
     except Exception as exc:  # a bug: one line, the traceback kept (never a token in either)
-        return report_unexpected("hostagent", exc, debug=args.debug, redact=_redact)
+        return report_unexpected("hostagent", exc, debug=args.debug)
     return EXIT_FAILED
-
-
-def _redact(text: str) -> str:
-    return _JWT_SHAPE.sub("<token redacted>", text)
 
 
 def _fail(message: str) -> None:
     # A token pasted into the wrong field (a name, an address) must not come back out here.
-    print(f"hostagent: {_JWT_SHAPE.sub('<token redacted>', ' '.join(message.split()))}", file=sys.stderr)
+    print(f"hostagent: {redact_tokens(' '.join(message.split()))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

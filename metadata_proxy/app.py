@@ -148,7 +148,7 @@ class ProxyApp:
         self.sessions = sessions or SessionTokens()
         self.metrics = metrics or Metrics()
         self.in_flight = 0  # guest requests being handled
-        self.metrics.in_flight_now = lambda: self.in_flight
+        self.metrics.watch_in_flight(lambda: self.in_flight)
         # Identity and connection ownership, and what a registry change undoes.
         self.owners = Owners(registry, self.metrics, lambda name: self.cache.drop_vm(name), close_connections)
         self.metrics.watch_registry(lambda: self.registry.vms, lambda: self.registry.error is None)

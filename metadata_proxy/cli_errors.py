@@ -5,19 +5,26 @@ otherwise kept in a private file that the line names."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
 
 EXIT_FAILED = 1
+# A JWT (a runtime token): three base64url parts, the header's starting `{"` encoded as `eyJ`.
+JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
-def report_unexpected(
-    prog: str, exc: BaseException, *, debug: bool, redact: Callable[[str], str] = lambda text: text
-) -> int:
+def redact_tokens(text: str) -> str:
+    """`text` with anything shaped like a JWT replaced: a token that reached an exception's
+    message (a pasted value, a header echoed in an error) must not reach a terminal or the journal."""
+    return JWT_SHAPE.sub("<token redacted>", text)
+
+
+def report_unexpected(prog: str, exc: BaseException, *, debug: bool) -> int:
     """One stderr line for `exc`, its traceback on stderr (`debug`) or in a new 0600 file
-    under the temporary directory; returns exit status 1. `redact` cleans both texts."""
+    under the temporary directory; returns exit status 1. Both texts pass `redact_tokens`."""
+    redact = redact_tokens
     text = redact("".join(traceback.format_exception(exc)))
     where = "above"
     if debug:

@@ -67,9 +67,9 @@ class _BuildInfo(Collector):
 
 class Metrics:
     """The proxy's metrics. What every guest request updates goes through `count`,
-    `observe_upstream` and `in_flight_now`, batched: prometheus-client takes a lock and makes
-    several calls for each update, about 10% of a forwarded request's CPU when done per
-    request (bench/), so updates are applied batch.DELAY after the first of them
+    `observe_upstream` and the count given to `watch_in_flight`, batched: prometheus-client
+    takes a lock and makes several calls for each update, a share of a forwarded request's
+    CPU that bench/ measures, so updates are applied batch.DELAY after the first of them
     (`batch.Batch`), once per label set, and before every scrape (`render`)."""
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
@@ -83,9 +83,9 @@ class Metrics:
         self._counts: dict[tuple[Counter, *tuple[str, ...]], int] = {}  # (counter, *labels) -> increments
         self._upstream_seconds: list[float] = []  # observations to apply
         self._batch = Batch(self.apply)
-        # Requests being handled, read when the batch is applied (the app's own count: a
-        # Gauge inc and dec per request would be two more locked updates).
-        self.in_flight_now: Callable[[], int] | None = None
+        # Requests being handled, read when the batch is applied (the app's own count, given
+        # by watch_in_flight: a Gauge inc and dec per request would be two more locked updates).
+        self._in_flight_now: Callable[[], int] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         r.register(self._scrape_time[0])
@@ -148,8 +148,8 @@ class Metrics:
             seconds, self._upstream_seconds = self._upstream_seconds, []
             for value in seconds:
                 self.upstream_seconds.observe(value)
-        if self.in_flight_now is not None:
-            self.in_flight.set(self.in_flight_now())
+        if self._in_flight_now is not None:
+            self.in_flight.set(self._in_flight_now())
 
     def labelled(self, metric: _Metric, *values: str) -> _Metric:
         """`metric.labels(*values)`, looked up once per label set: labels() validates and takes
@@ -159,6 +159,11 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return child  # type: ignore[return-value]
+
+    def watch_in_flight(self, in_flight_now: Callable[[], int]) -> None:
+        """`in_flight_now()`: the requests being handled, read into the in-flight gauge
+        whenever the batch is applied."""
+        self._in_flight_now = in_flight_now
 
     def watch_registry(self, vms: Callable[[], Iterable[VM]], available: Callable[[], bool]) -> None:
         collector = _RegistryCollector(vms, available)

@@ -363,8 +363,8 @@ class GuestProtocol(HttpToolsProtocol):
         # The only request in flight: nothing to wait for, out now (one guest at a time:
         # latency). Else at the end of the pass, with the other answers completed in it:
         # the guests' side wakes once for all of them and sends its next requests together,
-        # so the proxy's next pass is as large (bench/: a quarter more throughput at 32
-        # connections than writing each answer as it completes).
+        # so the proxy's next pass is as large (bench/ measures it against writing each
+        # answer as it completes).
         app = self.proxy_app
         if app is None or app.in_flight <= 1:
             self._writes.flush()
@@ -381,13 +381,14 @@ class GuestProtocol(HttpToolsProtocol):
 
     def shutdown(self) -> None:
         """The server drains (SIGTERM): uvicorn closes every connection that has no request
-        in flight. One that has not begun its first request was accepted a moment before,
-        its request possibly already on the way: the guest cannot tell it from a connection
-        still in the listening queue, which the next process serves (socket activation:
-        a restart or an upgrade), and must not get a close without an answer. So its first
-        request is answered and the connection closed after it; one that sends nothing is
-        closed by its accept deadline, which the drain outlasts."""
-        if not self._requests and not self.transport.is_closing():
+        in flight. One whose first request head is not complete yet (none of it, or only
+        part of it, has arrived) was accepted a moment before, its request on the way: the
+        guest cannot tell it from a connection still in the listening queue, which the next
+        process serves (socket activation: a restart or an upgrade), and must not get a close
+        without an answer. So its first request is answered and the connection closed after
+        it; one that sends nothing (or never completes its head) is closed by its accept or
+        head deadline, which the drain outlasts."""
+        if self.cycle is None and not self.transport.is_closing():
             self._close_after_first = True
             return
         super().shutdown()
@@ -469,6 +470,10 @@ class GuestProtocol(HttpToolsProtocol):
             return True  # on_response_complete starts the drain
         self._stopped = True
         self.owner.closed = True
+        # Nothing more is read: a read deadline left behind would have the timer fire for it,
+        # find the transport closing and re-arm for it, once per loop pass until the close
+        # completes (a busy loop for as long as a guest that does not read holds it open).
+        self._read_deadline = None
         self._closing_at = self.loop.time() + CLOSE_SECONDS
         self._arm()
         return False

@@ -6,7 +6,7 @@ is `registry_file`, which both sides import; the names the app uses are re-expor
 on a file kept open, a couple of microseconds) and, when it changed, reads only what
 changed since its sequence (`registry_file.read_since`), at a cost that follows the
 change, not the registry's size. When the app asks it to, and how that keeps a
-`hostagent` change in effect for the next request, is the app's business (`ProxyApp.lookup`).
+`hostagent` change in effect for the next request, is `owners.Owners.lookup`'s business.
 
     RegistryError
     └── RegistryUnavailable   the file exists but cannot be read or is not a registry

@@ -409,3 +409,26 @@ def test_serve_cache_options_fail_in_one_line(tmp_path: Path, azurite: Azurite) 
         assert result.returncode == 1, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
         assert base64.b64encode(azurite_key()).decode() not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://cp:hunter2-secret@db/cache", "postgresql:///cache?host=/run/pg&password=hunter2-secret"]
+)
+def test_serve_refuses_a_database_password_in_argv(tmp_path: Path, url: str) -> None:
+    """argv is readable by every user: a password in --database is refused before anything is
+    contacted, and the refusal does not repeat it."""
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 40)
+    key = tmp_path / "key"
+    key.write_text(base64.b64encode(b"k" * 32).decode())
+    blob_url = f"http://127.0.0.1:{free_port()}/x"  # nothing listens: the check comes first
+    result = subprocess.run(
+        [
+            str(CONTROLPLANE), "serve", "--listen", "127.0.0.1:0", "--secret-file", str(secret),
+            "--blob-url", blob_url, "--blob-account", "x", "--blob-key-file", str(key), "--database", url,
+        ],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "--database must not carry a password" in result.stderr
+    assert "hunter2" not in result.stderr

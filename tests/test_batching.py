@@ -201,7 +201,7 @@ def test_metric_updates_are_applied_together_after_the_batch_delay_and_before_a_
     async def test(loop: ManualTimers) -> None:
         metrics = Metrics()
         in_flight = 3
-        metrics.in_flight_now = lambda: in_flight
+        metrics.watch_in_flight(lambda: in_flight)
         labels = {"vm": "a", "route": "/runtime/", "status": "200"}
         for _ in range(5):
             metrics.count(metrics.requests, "a", "/runtime/", "200")

@@ -185,3 +185,34 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert result.returncode == 1 and "control_plane.ca_file" in result.stderr and "no such file" in result.stderr
 
     assert run_cli("check-config", "--bogus").returncode == 2
+
+
+def test_docs_configuration_lists_every_key_with_its_default() -> None:
+    """docs/configuration.md is the operator's reference: each key the loader accepts has a
+    row in its section's table, and a scalar default there is the dataclass's."""
+    import dataclasses
+    import re
+
+    from metadata_proxy.config import Cache
+
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    sections = {
+        "": (Config, "## Top level"),
+        "control_plane": (ControlPlane, "## `[control_plane]`"),
+        "limits": (Limits, "## `[limits]`"),
+        "cache": (Cache, "## `[cache]`"),
+        "routes": (Route, "## `[[routes]]`"),
+    }
+    nested = {"control_plane", "limits", "cache", "routes", "source"}
+    for name, (cls, heading) in sections.items():
+        body = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", body, re.M))
+        for f in dataclasses.fields(cls):
+            if name == "" and f.name in nested:
+                continue
+            assert f.name in rows, f"docs/configuration.md {heading!r} has no row for {f.name}"
+            if f.default is not dataclasses.MISSING and isinstance(f.default, bool | int | float):
+                shown = rows[f.name].strip().strip("`")
+                expected = str(f.default).lower() if isinstance(f.default, bool) else f"{f.default:.15g}"
+                if name != "routes":  # a route's max_body_bytes and timeout default to other keys
+                    assert shown == expected, f"{name}.{f.name}: docs say {shown}, the code {expected}"

@@ -21,7 +21,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from metadata_proxy.version import version
-from tests.harness import BIN, ControlPlane, Proxy, free_port, run, running, stop
+from tests.harness import BIN, REPO, ControlPlane, Proxy, free_port, run, running, stop
 
 META = {"Metadata": "true"}
 IN_CI = os.environ.get("CI") == "true"
@@ -245,6 +245,29 @@ def test_check_config_loads_the_tls_material_and_names_the_bad_file(shared_dir: 
         assert expected in result.stderr, result.stderr
 
 
+def test_the_production_example_passes_check_config(shared_dir: Path) -> None:
+    """examples/config.toml as shipped, with only its /etc/metadata-proxy files (and the
+    registry) placed here: every key and value it spells out is valid."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("hv-042")
+    ca.cert_pem.write_to_path(str(shared_dir / "ca.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(shared_dir / "host.pem"))
+    leaf.private_key_pem.write_to_path(str(shared_dir / "host.key"))
+    for path in shared_dir.iterdir():
+        path.chmod(0o644)
+    text = (REPO / "examples" / "config.toml").read_text()
+    moved = text.replace("/etc/metadata-proxy/", f"{shared_dir}/").replace("/var/lib/metadata-proxy/", f"{shared_dir}/")
+    assert moved.count(f'"{shared_dir}/') == 4  # ca_file, client_cert, client_key, registry
+    config = shared_dir / "config.toml"
+    config.write_text(moved)
+    config.chmod(0o644)
+    result = run("metadata-proxy", "check-config", "--config", str(config), "--user", "nobody", check=False)
+    assert result.returncode == 0, result.stderr
+    assert "routes /runtime/ (header), /runtime/identity/ (session), /twirp/ (none), /runtime/github/ (none)" in (
+        result.stdout
+    )
+
+
 def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Path) -> None:
     ca = trustme.CA()
     ca_file = shared_dir / "ca.pem"
@@ -286,10 +309,10 @@ def test_check_config_reports_a_file_the_service_user_cannot_read(shared_dir: Pa
 # A fault no code path expects, injected at start-up through `sitecustomize` (the standard
 # library's own hook), into a third-party or standard-library call each command makes.
 # Only calls that name `only` fail, when given: coverage's own data file is SQLite too.
-def _fault(module: str, function: str, only: str = "") -> str:
+def _fault(module: str, function: str, only: str = "", message: str = "injected fault") -> str:
     real = f"_real = {module}.{function}\n"
     spare = f"    if {only!r} not in str(a[:1]):\n        return _real(*a, **k)\n" if only else ""
-    body = "    raise ZeroDivisionError('injected fault')"
+    body = f"    raise ZeroDivisionError({message!r})"
     return f"import {module}\n{real}def fault(*a, **k):\n{spare}{body}\n{module}.{function} = fault\n"
 
 
@@ -334,3 +357,41 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_is_kept(tool: str, tm
     assert (
         debug.stderr.splitlines()[-1] == f"{tool}: internal error: ZeroDivisionError: injected fault (traceback above)"
     )
+
+
+# A runtime token's shape (header, claims, signature); no real token.
+_LEAKED = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ2bS0xIn0.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize("tool", sorted(_FAULTS))
+def test_an_unexpected_error_never_shows_a_token(tool: str, tmp_path: Path) -> None:
+    """A token that reached an exception's message is redacted, in the line and the
+    traceback, by every command line (serve's traceback goes to the journal)."""
+    _, template = _FAULTS[tool]
+    module, function, only = {
+        "metadata-proxy": ("tomllib", "load", ""),
+        "hostagent": ("sqlite3", "connect", "registry"),
+        "controlplane": ("jwt", "encode", ""),
+    }[tool]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_fault(module, function, only, message=f"bad header {_LEAKED}"))
+    (tmp_path / "config.toml").write_text('host_id = "h"\n[control_plane]\nurl = "http://127.0.0.1:9"\n')
+    (tmp_path / "secret").write_text("s" * 32)
+    (tmp_path / "registry.sqlite3").write_bytes(b"")
+    values = {
+        "config": tmp_path / "config.toml",
+        "registry": tmp_path / "registry.sqlite3",
+        "secret": tmp_path / "secret",
+    }
+    args = [part.format(**values) for part in template]
+    env = {**os.environ, "PYTHONPATH": str(hook), "TMPDIR": str(tmp_path)}
+    for debug in ([], ["--debug"]):
+        result = subprocess.run(
+            [str(BIN / tool), *debug, *args], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert result.returncode == 1
+        assert "<token redacted>" in result.stderr.splitlines()[-1], result.stderr
+        assert _LEAKED not in result.stderr
+        for kept in tmp_path.glob(f"{tool}-traceback-*.txt"):
+            assert "Traceback" in kept.read_text() and _LEAKED not in kept.read_text()

@@ -450,23 +450,29 @@ def test_sigterm_drains_in_flight_and_refuses_new_connections(service: Callable[
     _drain_across_sigterm(service().start_service())
 
 
+@pytest.mark.parametrize(
+    "before", [b"", b"GET /runtime/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\n"], ids=["nothing", "half a head"]
+)
 def test_a_connection_accepted_before_sigterm_gets_its_first_request_answered(
-    service: Callable[..., Service],
+    service: Callable[..., Service], before: bytes
 ) -> None:
     """Under socket activation a restart (an upgrade) happens under traffic: a guest whose
-    connection was accepted just before SIGTERM, its request still on the way, is answered,
-    not closed unanswered; then the connection closes and the process exits 0."""
+    connection was accepted just before SIGTERM, its request still on the way (none of it
+    yet, or the first part of its head), is answered, not closed unanswered; then the
+    connection closes and the process exits 0."""
+    request = b"GET /runtime/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n\r\n"
     svc = service().start_service()
     assert svc.notify is not None
     address, vm_id, token = svc.register("late")
     with socket.create_connection(("127.0.0.1", svc.port), timeout=10, source_address=(address, 0)) as late:
         wait_until(lambda: metric(svc.metrics(), "metadata_proxy_in_flight") == 0, what="the connection accepted")
+        late.sendall(before)
         svc.signal(signal.SIGTERM)
         svc.notify.expect("STOPPING=1")
         # New connections refused: the server has stopped accepting and told every open
         # connection to shut down; only now does the late request leave.
         wait_until(lambda: _refused(svc.port), timeout=5, what="new connections refused")
-        late.sendall(b"GET /runtime/whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nMetadata: true\r\n\r\n")
+        late.sendall(request[len(before) :])
         answer = b""
         while chunk := late.recv(65536):
             answer += chunk
