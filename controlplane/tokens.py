@@ -1,4 +1,4 @@
-"""Runtime tokens: mint and verify the HS256 JWTs that name a VM (SPEC section 2).
+"""Runtime tokens: mint and verify the HS256 JWTs that name a VM (README "The control plane side").
 
 A token carries ``sub`` (the VM id) and ``iat`` (integer seconds), optionally ``exp``, and an
 optional ``kid`` header naming the secret that signed it, so secrets can rotate: the verifier
@@ -195,7 +195,7 @@ def mint(
 
 
 class Verifier:
-    """Verifies runtime tokens against a set of secrets (SPEC section 2).
+    """Verifies runtime tokens against a set of secrets (README "The control plane side").
 
     In order: alg is HS256 (nothing else, ``none`` included); the kid (or its absence) picks
     the one secret to try; signature; ``sub`` a non-empty string and ``iat`` an integer, both

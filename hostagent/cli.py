@@ -69,7 +69,7 @@ def _addresses(vm: VM) -> list[str]:
 
 
 def vm_json(vm: VM) -> dict[str, object]:
-    """The public shape of a VM (SPEC section 7): never the token, only its fingerprint."""
+    """The public shape of a VM (README "The host side"): never the token, only its fingerprint."""
     return {
         "name": vm.name,
         "vm_id": vm.vm_id,

@@ -1,4 +1,4 @@
-"""What a VM description must look like before it reaches the registry (SPEC section 4):
+"""What a VM description must look like before it reaches the registry (README "A VM's life"):
 names, namespaces, addresses and tokens, for `vm add` (`make_entry`, `make_change`) and
 for a whole `vm sync` input (`parse_sync`). Messages never show a token."""
 

@@ -1,6 +1,6 @@
-"""The registry file on disk, as `hostagent` (root) keeps it: its owner and modes (SPEC
-section 4: root, group of the proxy's user, 0640 in a 0750 directory; 0600 and 0700 where
-that user does not exist), its atomic creation, and the checks made before SQLite opens it.
+"""The registry file on disk, as `hostagent` (root) keeps it: its owner and modes (root,
+group of the proxy's user, 0640 in a 0750 directory; 0600 and 0700 where that user does
+not exist), its atomic creation, and the checks made before SQLite opens it.
 
 Only `host setup` creates the registry's directory: a write to a registry whose directory
 does not exist is refused, so a mistyped ``--registry /x/y`` creates nothing.

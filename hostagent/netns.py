@@ -1,4 +1,4 @@
-"""Host and per-VM network plumbing (SPEC section 5), driven through `ip`, `nft` and `conntrack`.
+"""Host and per-VM network plumbing (README "The host side"), driven through `ip`, `nft` and `conntrack`.
 
 Everything is read in machine formats (``ip -j``, ``nft -j``) and every nftables change is
 one ``nft -f -`` transaction, so a table is either fully installed or not touched at all.

@@ -1,4 +1,4 @@
-"""Moving a VM's plumbing along with its registry row, and undoing it (SPEC section 5).
+"""Moving a VM's plumbing along with its registry row, and undoing it (README "The host side").
 
 Inside a write transaction a change is plumbed atomically: the first failure undoes what
 was done and the transaction rolls back; if the commit then fails, the returned undo runs.

@@ -1,4 +1,4 @@
-"""Registry writes: every invariant of SPEC section 4, one SQLite transaction per command.
+"""Registry writes: every invariant of README "A VM's life", one SQLite transaction per command.
 
 The file's schema and change feed live in `metadata_proxy.registry_file` (shared with the
 proxy); the rest of what a write needs is beside this module, one concern each:
@@ -13,7 +13,7 @@ Each write runs under ``BEGIN IMMEDIATE``, re-reads what it needs of the registr
 that transaction, checks the invariants against it, and only then writes through the
 change feed (`begin_change`, `upsert_vms`, `remove_vms`), so the proxy reads only what
 changed. A version-1 registry is upgraded inside the same transaction. Plumbing that must
-agree with a row (SPEC section 5) runs inside the still-open transaction: if it fails the
+agree with a row (README "The host side") runs inside the still-open transaction: if it fails the
 transaction rolls back, and if the commit fails the plumbing is undone.
 """
 

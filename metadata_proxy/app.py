@@ -200,7 +200,7 @@ class ProxyApp:
             await self.lifespan(receive, send)
 
     async def handle(self, ex: Exchange) -> None:
-        """Every check of SPEC section 3, in its order, then the local answer or the forward."""
+        """Every check of README "How a request flows", in its order, then the local answer or the forward."""
         headers: list[tuple[bytes, bytes]] = ex.scope["headers"]
         raw_path: bytes = ex.scope.get("raw_path") or ex.scope["path"].encode()
 

@@ -1,6 +1,6 @@
 """The proxy's configuration: frozen dataclasses and the one TOML loader that validates them.
 
-Every key of SPEC section 6 is here with its default. Unknown keys and bad values raise
+Every key of docs/configuration.md is here with its default. Unknown keys and bad values raise
 ConfigError with a message that names the key and the value, e.g.::
 
     config.toml: limits.burst = -1: must be an integer of at least 1

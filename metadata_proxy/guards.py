@@ -1,6 +1,6 @@
-"""The checks of SPEC section 3, each a small pure function returning a Refusal or None.
+"""The checks of README "How a request flows", each a small pure function returning a Refusal or None.
 
-`app.ProxyApp.handle` calls them in the order the SPEC gives; this module only knows how
+`app.ProxyApp.handle` calls them in the order README "How a request flows" gives; this module only knows how
 to tell a good request from a bad one. Header names arrive lowercased (ASGI).
 """
 

@@ -1,6 +1,6 @@
 """Logging to stdout for journald: one flat JSON object per line.
 
-Two kinds of line: one per guest request (`AccessLog`, fields fixed by SPEC section 8)
+Two kinds of line: one per guest request (`AccessLog`, fields fixed by README "Logs")
 and lifecycle/diagnostic lines from the `logging` module (`JsonFormatter`). Neither ever
 carries a token: request lines hold names, ids and codes only, and every log call in
 this package passes values, not headers.

@@ -1,4 +1,4 @@
-"""Who may use a guest connection, and the reaction to registry changes (SPEC section 4).
+"""Who may use a guest connection, and the reaction to registry changes (README "A VM's life").
 
 `Owners` is the registry as the data path sees it: the VM holding an address for a request
 that begins now, the VM that held it when a connection was accepted (`ConnectionOwner`),
@@ -29,7 +29,7 @@ OWNER_KEY = "metadata_proxy.owner"
 class ConnectionOwner:
     """The VM that held a connection's peer address when the connection was accepted.
 
-    IP reuse (SPEC section 4): a connection the old holder opened must never carry the new
+    IP reuse (README "A VM's life"): a connection the old holder opened must never carry the new
     holder's token, not even for the one request that races the close of that connection.
     Every request on the connection must come from the same VM (a token rotation keeps the
     VM); when the registry could not be read at accept time, the first request decides.
@@ -96,7 +96,7 @@ class Owners:
     def lookup(self, address: str, *, fresh: bool = False) -> VM | None:
         """The VM holding `address` for a request that begins now (`fresh`: check the file).
 
-        SPEC section 4: a change is in effect for every request that begins after the
+        README "A VM's life": a change is in effect for every request that begins after the
         `hostagent` command returns. Checking the file costs two system calls, so it is done
         before the first lookup after a connection was accepted or guest bytes were read
         (`accept`, `input_arrived`), not before every request: a request that begins after a

@@ -746,7 +746,7 @@ async def test_a_guest_that_stops_reading_releases_the_upstream_connection(
 
 
 async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: Path) -> None:
-    """SPEC section 3: `METHOD /runtime/x?q` goes to `{control_plane.url}/runtime/x?q`."""
+    """README "How a request flows": `METHOD /runtime/x?q` goes to `{control_plane.url}/runtime/x?q`."""
     seen: list[bytes] = []
 
     async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -275,7 +275,7 @@ def test_access_log_lines_are_written_together_after_the_batch_delay_as_json_dum
         assert {k: first[k] for k in LINE} == LINE
         assert {k: second[k] for k in odd} == odd
         assert second["duration_ms"] is None and second["upstream_status"] is None
-        assert list(first) == ["time", *LINE]  # SPEC section 8's fields, in a fixed order
+        assert list(first) == ["time", *LINE]  # README "Logs"'s fields, in a fixed order
         # Each line exactly as json.dumps writes the same object (ensure_ascii, no spaces).
         assert lines[1] == json.dumps(second, separators=(",", ":"))
 

@@ -1,4 +1,4 @@
-"""SPEC section 3's checks as pure functions."""
+"""README "How a request flows"'s checks as pure functions."""
 
 from __future__ import annotations
 

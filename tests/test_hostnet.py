@@ -1,6 +1,6 @@
 """hostagent's plumbing in real network namespaces with real nftables (root only).
 
-The SPEC section 5 topology, built per test: for VM n a namespace ``vmns`` joined to the
+The README "The host side" topology, built per test: for VM n a namespace ``vmns`` joined to the
 root namespace by a veth (host-unique 10.200.n.2/24 and fd00:200:n::2/64 inside, .1 and
 ::1 in root), and a guest namespace joined to ``vmns`` by a second veth standing in for
 the tap (the guest is 10.0.0.2 and fd00:0:0:1::2 in every VM, behind .1 and ::1). A test

@@ -119,7 +119,7 @@ def test_metadata_with_its_etag(proxy: Proxy, lp_cp: ControlPlane, vm_file: VmFi
     address = register(proxy, lp_cp, vm_file, "plain", {"role": "builder", "n": 1})
     with proxy.guest(address) as guest:
         response = guest.get(METADATA, headers=META)
-        bare = guest.get("/runtime/metadata", headers=META)  # the SPEC's path: the /runtime/ route
+        bare = guest.get("/runtime/metadata", headers=META)  # the documented path: the /runtime/ route
     assert response.status_code == 200 and response.json() == {"role": "builder", "n": 1}
     assert response.headers["etag"] == etag_of({"role": "builder", "n": 1})
     assert response.headers["cache-control"] == "no-store"

@@ -1,4 +1,4 @@
-"""A route's own keys (SPEC section 6): `privileged_port`, `max_body_bytes`, `timeout`, through the
+"""A route's own keys (docs/configuration.md): `privileged_port`, `max_body_bytes`, `timeout`, through the
 ASGI app against a real `controlplane serve`; each refusal with its status, its code, and
 nothing reaching the control plane."""
 

@@ -1,4 +1,4 @@
-"""The proxy as a host service (SPEC section 8, issue 5; `workers`, issue 6), with real processes.
+"""The proxy as a host service (README "Logs", issue 5; `workers`, issue 6), with real processes.
 
 A real `systemd-socket-activate` passes the sockets, a real AF_UNIX datagram socket plays
 systemd's notification socket, signals go to the real `metadata-proxy serve` process, and

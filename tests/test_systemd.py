@@ -205,7 +205,7 @@ def test_units_run_the_packaged_entry_points() -> None:
 
 
 def test_socket_unit_listens_on_the_default_metadata_addresses() -> None:
-    # SPEC section 6: listen defaults to these; the Host-header check accepts the address
+    # docs/configuration.md: listen defaults to these; the Host-header check accepts the address
     # of every socket systemd passes, so the unit and the default config must agree.
     text = (SYSTEMD_DIR / "metadata-proxy.socket").read_text()
     assert re.findall(r"^ListenStream=(.*)$", text, re.MULTILINE) == ["169.254.169.254:80", "[fd00:a9fe::254]:80"]
