@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import re
 import secrets
 import time
@@ -58,6 +59,8 @@ MAX_CHUNK_BYTES = 64 * 1024 * 1024  # a v1 PATCH: the client sends 32 MiB
 MAX_JSON_BYTES = 64 * 1024
 SWEEP_INTERVAL = 60.0
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\*|\d+)")
+
+log = logging.getLogger("controlplane")
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,10 @@ class CacheService:
         try:
             return await anyio.to_thread.run_sync(func, *args)
         except BlobError as exc:
-            raise CacheError(503, "unavailable", "storage_unavailable", f"the blob store failed: {exc}") from None
+            # The guest learns that the store failed, not how (addresses, internal errors): the
+            # operator reads that in the control plane's own log.
+            log.warning("actions cache: the blob store failed: %s", exc)
+            raise CacheError(503, "unavailable", "storage_unavailable", "the blob store is unavailable") from None
 
     async def create(self, scope: str, key: str, version: str, size: int | None = None) -> Entry:
         if size is not None and size > self.limits.max_entry_bytes:
