@@ -489,15 +489,8 @@ class GuestProtocol(HttpToolsProtocol):
             transport.abort()
             return
         when = self._read_deadline
+        # Closing: _closing dropped the read deadline and set the close's own.
         if when is None or now < when or transport.is_closing():
-            if when is not None and now >= when:
-                # Closing (its write buffer still draining): what was being read no longer
-                # matters, and a deadline left in the past would re-arm the timer for that
-                # instant on every pass of the loop (a busy loop until the close's own
-                # deadline). The close keeps one, whoever began it.
-                self._read_deadline = None
-                if self._closing_at is None:
-                    self._closing_at = now + CLOSE_SECONDS
             self._arm()
             return
         cycle = self.cycle
