@@ -38,6 +38,8 @@ MAX_AGE = 7 * 24 * 3600
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # `systemctl reboot` inside makes systemd-nspawn exit with this status.
 REBOOT_STATUS = 133
+# What `systemctl is-system-running --wait` prints before systemd inside is up.
+NOT_YET = ("", "offline")
 
 
 class ContainerError(Exception):
@@ -109,11 +111,13 @@ class Container:
             )
         deadline = time.monotonic() + timeout
         self.leader = self._find_leader(deadline)
-        # Until systemd has set the container up, entering it may fail: retry for a while.
+        # Until systemd has set the container up, entering it may fail (no output), and
+        # systemctl answers "offline" until PID 1 has created /run/systemd/system: both
+        # mean "not yet", so ask again until the deadline.
         while True:
             result = self.run("systemctl is-system-running --wait", check=False, timeout=timeout)
             state = result.stdout.strip()
-            if state or time.monotonic() > deadline:
+            if state not in NOT_YET or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         if state != "running":
