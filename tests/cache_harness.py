@@ -12,8 +12,10 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +91,15 @@ class Postgres:
     """A PostgreSQL 15 server of its own (initdb in a temporary directory), on a unix socket only.
 
     PostgreSQL refuses to run as root; as root (CI) the server runs as ``nobody`` in a directory
-    handed to that user."""
+    handed to that user. The postmaster is this process's child with a parent-death signal
+    (SIGQUIT: an immediate shutdown), so a test run that is killed leaves no server behind."""
 
     def __init__(self) -> None:
         _need(PG_BIN / "postgres", "PostgreSQL 15 (Debian's postgresql-15)")
         self.dir = Path(tempfile.mkdtemp(prefix="mp-pg-"))
         self.data = self.dir / "data"
         self.as_user = "nobody" if os.geteuid() == 0 else None
+        self.process: subprocess.Popen[bytes] | None = None
         if self.as_user is not None:
             entry = pwd.getpwnam(self.as_user)
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
@@ -110,17 +114,44 @@ class Postgres:
 
     def start(self) -> Postgres:
         self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "cache", "--auth=trust", "-E", "UTF8")
-        options = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c max_connections=200"
-        log = str(self.dir / "log")
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+        # setpriv execs the server in place (no daemon, unlike pg_ctl): it stays our child, and
+        # dies with us. It changes the user before setting the signal, which a change of user clears.
+        user = [] if self.as_user is None else [f"--reuid={self.as_user}", "--regid=nogroup", "--clear-groups"]
+        server = [str(PG_BIN / "postgres"), "-D", str(self.data), "-k", str(self.dir)]
+        settings = ["-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=200"]
+        with open(self.dir / "log", "ab") as log:
+            self.process = subprocess.Popen(
+                ["setpriv", *user, "--pdeathsig=QUIT", *server, *settings],
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_ready()
         return self
 
+    def _wait_ready(self, timeout: float = 30) -> None:
+        """Until the server accepts connections on its socket (pg_isready), or it exited."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.process.returncode}: see {self.dir / 'log'}")
+            check = [str(PG_BIN / "pg_isready"), "-q", "-h", str(self.dir), "-U", "cache", "-d", "postgres"]
+            if subprocess.run(check, stdin=subprocess.DEVNULL, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"postgres not ready after {timeout} s: see {self.dir / 'log'}")
+
     def stop(self) -> None:
-        if self.data.exists():
+        if self.process is not None:
+            self.process.send_signal(signal.SIGQUIT)  # immediate shutdown: the data is thrown away
             try:
-                self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-            except subprocess.CalledProcessError:
-                pass  # never started
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
