@@ -59,22 +59,35 @@ class BlobStore:
     def blob_url(self, blob: str) -> str:
         return f"{self.url.rstrip('/')}/{quote(self.container)}/{quote(blob)}"
 
+    @property
+    def _protocol(self) -> str:
+        """The SAS's `spr`: a store reached over https signs URLs valid over https only, so a
+        leaked URL is not usable in clear text either; an http store (Azurite) signs none."""
+        return "https" if urlsplit(self.url).scheme == "https" else ""
+
     def sas_url(self, blob: str, permissions: str, *, now: float | None = None, lifetime: float = SAS_LIFETIME) -> str:
         """A service SAS URL for one blob: ``permissions`` from ``racwd`` (read, add, create, write, delete)."""
         now = time.time() if now is None else now
         # Start a little in the past: the store's clock may run behind ours.
         start, expiry = _iso(now - 300), _iso(now + lifetime)
         resource = f"/blob/{self.account}/{self.container}/{blob}"
+        protocol = self._protocol
         # The service SAS string-to-sign of versions 2020-12-06 and later, field by field.
-        fields = [permissions, start, expiry, resource, "", "", "", SAS_VERSION, "b", "", "", "", "", "", "", ""]
+        fields = [permissions, start, expiry, resource, "", "", protocol, SAS_VERSION, "b", "", "", "", "", "", "", ""]
         query = {"sv": SAS_VERSION, "st": start, "se": expiry, "sr": "b", "sp": permissions}
+        if protocol:
+            query["spr"] = protocol
         query["sig"] = self._sign("\n".join(fields))
         return f"{self.blob_url(blob)}?{urlencode(query)}"
 
     def _account_sas(self, permissions: str, resource_types: str, now: float) -> str:
         start, expiry = _iso(now - 300), _iso(now + 60)
-        fields = [self.account, permissions, "b", resource_types, start, expiry, "", "", SAS_VERSION, "", ""]
+        protocol = self._protocol
+        # The account SAS string-to-sign of versions 2020-12-06 and later.
+        fields = [self.account, permissions, "b", resource_types, start, expiry, "", protocol, SAS_VERSION, "", ""]
         query = {"sv": SAS_VERSION, "ss": "b", "srt": resource_types, "sp": permissions, "st": start, "se": expiry}
+        if protocol:
+            query["spr"] = protocol
         query["sig"] = self._sign("\n".join(fields))
         return urlencode(query)
 

@@ -41,15 +41,18 @@ def _need(path: Path, what: str) -> None:
 class Azurite:
     """Azurite's blob service on a loopback port, in memory."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: a certificate and key (PEM) to serve https with, as Azure does."""
         _need(NODE_DIR / "node_modules" / ".bin" / "azurite-blob", "azurite (npm ci in tests/node)")
         self.workdir = workdir
         self.port = free_port()
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
 
     def key_file(self) -> Path:
         path = self.workdir / "azurite-key"
@@ -68,6 +71,7 @@ class Azurite:
                 "--disableTelemetry",
                 "--skipApiVersionCheck",
                 "--silent",
+                *(["--cert", str(self.tls[0]), "--key", str(self.tls[1])] if self.tls else []),
             ],
             cwd=self.workdir,
             stdin=subprocess.DEVNULL,

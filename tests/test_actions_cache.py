@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import psycopg
 import pytest
+import trustme
 from starlette.applications import Starlette
 
 from controlplane.actions_cache import CacheLimits, CacheService, cache_routes
@@ -323,6 +325,36 @@ def test_sas_urls_as_the_store_sees_them(azurite: Azurite) -> None:
     assert httpx.get(wrong_key.sas_url(name, "r")).status_code == 403
     query = parse_qs(urlsplit(store.sas_url(name, "r", now=1_800_000_000)).query)
     assert query["se"] == ["2027-01-15T08:10:00Z"] and query["st"] == ["2027-01-15T07:55:00Z"]
+
+
+def test_sas_urls_of_an_https_store_are_for_https_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store reached over https (Azure's only way by default) signs `spr=https` into every
+    URL, service and account SAS alike; the store accepts the signature, and a URL whose
+    protocol is widened to http no longer verifies."""
+    ca = trustme.CA()
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    # The control plane's own calls (the container's creation: an account SAS) trust the
+    # system's CAs, as in production; here that is the test's CA.
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    server = Azurite(tmp_path, tls=(cert, key)).start()
+    try:
+        store = store_for(server, "tls")
+        assert store.url.startswith("https://")
+        write, read = store.sas_url("blob", "cw"), store.sas_url("blob", "r")
+        assert parse_qs(urlsplit(write).query)["spr"] == ["https"] == parse_qs(urlsplit(read).query)["spr"]
+        headers, trust = {"x-ms-blob-type": "BlockBlob"}, ssl.create_default_context(cafile=ca_file)
+        assert httpx.put(write, content=b"data", headers=headers, verify=trust).status_code == 201
+        assert httpx.get(read, verify=trust).content == b"data"
+        widened = read.replace("spr=https", "spr=https%2Chttp")
+        assert httpx.get(widened, verify=trust).status_code == 403
+    finally:
+        server.stop()
+    # An http store (Azurite as the other tests run it) signs no protocol.
+    assert "spr" not in parse_qs(urlsplit(BlobStore("http://127.0.0.1:1/a", "a", b"k").sas_url("b", "r")).query)
 
 
 def test_two_replicas_share_one_postgresql_index(tmp_path: Path, azurite: Azurite, postgres: Postgres) -> None:
