@@ -938,7 +938,7 @@ class ClockLoop:
     """The few event-loop calls uvicorn's protocol and GuestProtocol make, on a clock that
     moves only when the test says (`advance`): what the protocol scheduled is asserted to the
     scheduled instant, whatever else the machine is doing. A request's app runs to its end
-    at once (the test apps never wait)."""
+    at once (the requests here are answered from the registry: the app never waits)."""
 
     class Timer:
         def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
