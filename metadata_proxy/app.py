@@ -8,7 +8,6 @@ prefix match (bench/ has the numbers). Read `ProxyApp.handle` top to bottom.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -50,11 +49,6 @@ REGISTRY_UNAVAILABLE = Refusal(503, "registry_unavailable", "The VM registry can
 NO_OWNER = Refusal(500, "internal_error", "The proxy cannot tell which VM owns this connection; nothing was forwarded.")
 CLOSE = ((b"connection", b"close"),)
 TOKEN_EXPIRED = Refusal(503, "token_expired", "This VM's runtime token has expired; the control plane must renew it.")
-# After a 413, at most this much more of the body is read and thrown away, for at most
-# LINGER_SECONDS, before the connection closes: closing with unread bytes sends a reset,
-# which can destroy the answer before a guest still sending its body has read it.
-DRAIN_AFTER_REFUSAL = 1024 * 1024
-LINGER_SECONDS = 2.0
 REGISTRY_WATCH_INTERVAL = 0.25
 STREAM_SMALL_BODY = 64 * 1024
 # Seconds a guest may leave a streamed answer unread before it is cut off.
@@ -98,35 +92,18 @@ class Exchange:
         self.cache: str | None = None
         self.started = time.perf_counter()
 
-    async def respond(
-        self,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        linger: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Answer; with `linger`, the whole answer is written first and the response (and
-        so a `Connection: close` connection) ends only when `linger` returns."""
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         headers.append((b"x-request-id", self.request_id.encode()))
         headers.append((b"content-length", b"%d" % len(body)))
         self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
-        if linger is not None:
-            await self.send({"type": "http.response.body", "body": body, "more_body": True})
-            await linger()
-            body = b""
         await self.send({"type": "http.response.body", "body": body})
 
-    async def refuse(
-        self,
-        refusal: Refusal,
-        extra: Iterable[tuple[bytes, bytes]] = (),
-        linger: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
+    async def refuse(self, refusal: Refusal, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self.code = refusal.code
         body = guards.error_body(refusal)
         headers = [(b"content-type", b"application/json"), *refusal.headers, *extra]
-        await self.respond(refusal.status, headers, body, linger)
+        await self.respond(refusal.status, headers, body)
 
 
 class ProxyApp:
@@ -174,7 +151,7 @@ class ProxyApp:
         self.client = client
         self.routes: tuple[Route, ...] = config.routes
         self.hosts = guards.allowed_hosts((*config.listen, *self._extra_listen), config.host_aliases)
-        self.limiter.limits = config.limits
+        self.limiter.reconfigure(config.limits)
         self.upstream_prefix = urlsplit(config.control_plane.url).path.rstrip("/").encode("ascii")
         if (config.cache.max_entries_per_vm, config.cache.max_bytes) != (
             self.cache.max_entries_per_vm,
@@ -262,11 +239,12 @@ class ProxyApp:
         if retry_after is not None:
             return await ex.refuse(guards.rate_limited(retry_after))
         try:
-            # 7. A declared body over the limit is refused before anything is read.
+            # 7. A declared body over the limit is refused before anything is read (the
+            # guest protocol's lingering close reads the rest, bounded, so the guest reads the 413).
             length = guards.declared_length(headers)
             body_limit = route.max_body_bytes if route else self.config.limits.max_body_bytes
             if length is not None and length > body_limit:
-                return await self.refuse_body(ex, RequestBody(ex.receive, body_limit))
+                return await ex.refuse(guards.BODY_TOO_LARGE, CLOSE)
             if local_method:
                 return await self.local(ex, raw_path)
             assert route is not None
@@ -442,7 +420,7 @@ class ProxyApp:
             else:
                 response = await request
         except BodyTooLarge:
-            await self.refuse_body(ex, reader)
+            await ex.refuse(guards.BODY_TOO_LARGE, CLOSE)  # the rest: as for a declared body (step 7)
             return None
         except BodyTimeout:
             await ex.refuse(guards.REQUEST_TIMEOUT, CLOSE)
@@ -530,24 +508,6 @@ class ProxyApp:
         finally:
             await response.aclose()
         return None
-
-    async def refuse_body(self, ex: Exchange, reader: RequestBody) -> None:
-        """413 at once, then a lingering close: a bounded amount of the rest of the body is
-        read and dropped, for a bounded time, so the guest reads the answer, not a reset.
-
-        A guest waiting for `100 Continue` has sent nothing yet: close without reading.
-        """
-        close = CLOSE
-        expect = guards.single_header(ex.scope["headers"], b"expect")
-        if reader.received == 0 and expect is not None and expect.lower() == b"100-continue":
-            return await ex.refuse(guards.BODY_TOO_LARGE, close)
-
-        async def linger() -> None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LINGER_SECONDS):
-                    await reader.drain(DRAIN_AFTER_REFUSAL)
-
-        await ex.refuse(guards.BODY_TOO_LARGE, close, linger)
 
     # -- the log line and metrics -------------------------------------------------------
 

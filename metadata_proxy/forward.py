@@ -221,19 +221,6 @@ class RequestBody:
             if chunk:
                 yield chunk
 
-    async def drain(self, most: int) -> bool:
-        """Read and discard up to `most` bytes more; True when the body ended."""
-        self._buffer.clear()
-        limit, self._limit = self._limit, self.received + most
-        try:
-            while not self.complete:
-                await self._next()
-        except (BodyTooLarge, BodyTimeout, GuestDisconnected):
-            return False
-        finally:
-            self._limit = limit
-        return True
-
 
 # Upstream connections at most. HTTP/1.1 holds one connection per request in flight, and a
 # long-poll is in flight for minutes: thousands of guests waiting need thousands of upstream

@@ -35,6 +35,11 @@ class Limiter:
         self._buckets: dict[str, _Bucket] = {}
         self._next_sweep = clock() + _IDLE_SECONDS
 
+    def reconfigure(self, limits: Limits) -> None:
+        """Reloaded limits, for the requests admitted from now on; each VM's bucket and
+        in-flight count carry over."""
+        self.limits = limits
+
     def acquire(self, vm: str) -> int | None:
         """Admit one request from `vm`: None when admitted (call release() after),
         else the seconds the guest should wait (for Retry-After)."""

@@ -33,9 +33,8 @@ class ConnectionOwner:
     holder's token, not even for the one request that races the close of that connection.
     Every request on the connection must come from the same VM (a token rotation keeps the
     VM); when the registry could not be read at accept time, the first request decides.
-    `closed` is set by the guest protocol once it answered the connection itself (a parse
-    error, a deadline) or the guest went away: a request of it the app has not begun is
-    neither forwarded nor answered.
+    `closed` says that the guest protocol called `connection_ended()`: a request of the
+    connection that the app has not begun is neither forwarded nor answered.
     """
 
     __slots__ = ("identity", "known", "closed")
@@ -49,6 +48,11 @@ class ConnectionOwner:
         if not self.known:
             self.identity, self.known = (vm.name, vm.vm_id), True
         return self.identity == (vm.name, vm.vm_id)
+
+    def connection_ended(self) -> None:
+        """The guest protocol answered the connection itself (a parse error, a deadline),
+        began to close it, or the guest went away."""
+        self.closed = True
 
     def lost(self, holder: VM | None) -> bool:
         """True when the address now belongs to another VM, or to none: close the connection."""

@@ -15,7 +15,10 @@ faces untrusted guests needs and uvicorn does not do.
   (owners.ConnectionOwner), handed to the app with every request: the app refuses a request
   that arrives without one, so a seam with uvicorn that stopped working fails closed.
 
-The seam with uvicorn is httptools' parser callbacks (on_message_begin, on_header,
+What the connections of one server share (the app, their count per peer, the deadlines) is
+a `GuestSide`; uvicorn builds each connection's protocol through the factory it is given
+(`uvicorn.Config(http=functools.partial(GuestProtocol, side))`). The seam with uvicorn is
+that factory call, httptools' parser callbacks (on_message_begin, on_header,
 on_headers_complete, on_body, on_message_complete: the parser calls them by these names)
 and asyncio's protocol methods, overridden here and calling uvicorn's own; besides those,
 uvicorn's public attributes listed in tests/test_protocol.py, which pins them all.
@@ -27,10 +30,13 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httptools
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from . import guards
 from .deadline import Deadline
@@ -186,6 +192,28 @@ class CoalescingTransport(asyncio.Transport):
         return self._transport.get_write_buffer_limits()
 
 
+@dataclass(frozen=True)
+class Deadlines:
+    """A guest connection's deadlines, in seconds: the constants above (tests shorten them)."""
+
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    drain_seconds: float = DRAIN_SECONDS
+    keep_alive_seconds: float = KEEP_ALIVE_SECONDS
+    write_stall_seconds: float = WRITE_STALL_SECONDS
+
+
+@dataclass(frozen=True)
+class GuestSide:
+    """What the connections of one guest server share: the app they serve (its connection
+    owners, limits, in-flight count, metrics and log), their deadlines, and the count of
+    open connections per peer address."""
+
+    app: ProxyApp
+    deadlines: Deadlines = Deadlines()
+    open_by_peer: Counter[str] = field(default_factory=Counter)
+
+
 class _Stopped(Exception):
     """Raised from a parser callback to stop parsing a connection's input."""
 
@@ -193,28 +221,35 @@ class _Stopped(Exception):
 class GuestProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline in every state, bounded memory, trailer
     fields dropped, no Upgrade, a cap on connections per peer, and each connection's owner.
-    What it refuses gets the app's JSON envelope."""
+    What it refuses gets the app's JSON envelope.
 
-    proxy_app: ProxyApp | None = None  # set on the per-server subclass (bind())
-    open_by_peer: Counter[str] = Counter()  # likewise: each server counts its own
-    header_timeout = HEADER_TIMEOUT
-    body_timeout = BODY_TIMEOUT
-    drain_seconds = DRAIN_SECONDS
-    keep_alive_seconds = KEEP_ALIVE_SECONDS
-    write_stall_seconds = WRITE_STALL_SECONDS
+    uvicorn calls it with its own keyword arguments (config, server_state, app_state, _loop)
+    for each connection, `side` bound first (functools.partial)."""
 
-    @classmethod
-    def bind(cls, app: ProxyApp, **settings: float) -> type[GuestProtocol]:
-        """The protocol class for one server of `app` (uvicorn builds one per connection);
-        `settings` override the deadlines above (tests)."""
-        return type("BoundGuestProtocol", (cls,), {"proxy_app": app, "open_by_peer": Counter(), **settings})
+    def __init__(
+        self,
+        side: GuestSide,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # Read once per connection; the per-request callbacks use these.
+        self.proxy_app = side.app
+        self.open_by_peer = side.open_by_peer
+        deadlines = side.deadlines
+        self.header_timeout = deadlines.header_timeout
+        self.body_timeout = deadlines.body_timeout
+        self.drain_seconds = deadlines.drain_seconds
+        self.keep_alive_seconds = deadlines.keep_alive_seconds
+        self.write_stall_seconds = deadlines.write_stall_seconds
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         app = self.proxy_app
-        self.owners = app.owners if app is not None else None  # None: serving another ASGI app (tests)
+        self.owners = app.owners
         peer = transport.get_extra_info("peername")
-        owner = self.owners.accept(peer[0] if peer else "") if self.owners is not None else None
-        self.owner: ConnectionOwner = owner or ConnectionOwner(None, known=False)
+        self.owner: ConnectionOwner = self.owners.accept(peer[0] if peer else "")
         self._deadline = Deadline(self.loop, self._deadline_passed)
         self._read_deadline: float | None = None  # of what is being read (or the idle keep-alive)
         self._reading = _BETWEEN
@@ -236,8 +271,7 @@ class GuestProtocol(HttpToolsProtocol):
         super().connection_made(self._writes)
         self._peer = self.client[0] if self.client else ""
         self.open_by_peer[self._peer] += 1
-        concurrent = app.config.limits.max_concurrent if app is not None else 0
-        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * concurrent)
+        cap = max(MIN_CONNECTIONS_PER_PEER, CONNECTIONS_PER_CONCURRENT * app.config.limits.max_concurrent)
         if self.open_by_peer[self._peer] > cap:
             self.refuse(guards.TOO_MANY_CONNECTIONS)
         else:
@@ -245,7 +279,7 @@ class GuestProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
-        self.owner.closed = True
+        self.owner.connection_ended()
         self.open_by_peer[self._peer] -= 1
         if self.open_by_peer[self._peer] <= 0:
             del self.open_by_peer[self._peer]
@@ -254,13 +288,7 @@ class GuestProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return  # read and dropped until the answers queued before are out and it closes
-        # uvicorn's keep-alive timer (its own on_response_complete arms it): bytes arrived.
-        keep_alive = self.timeout_keep_alive_task
-        if keep_alive is not None:
-            keep_alive.cancel()
-            self.timeout_keep_alive_task = None
-        if self.owners is not None:
-            self.owners.input_arrived()
+        self.owners.input_arrived()
         begun = self._requests
         try:
             self.parser.feed_data(data)
@@ -365,10 +393,16 @@ class GuestProtocol(HttpToolsProtocol):
         # the guests' side wakes once for all of them and sends its next requests together,
         # so the proxy's next pass is as large (bench/ measures it against writing each
         # answer as it completes).
-        app = self.proxy_app
-        if app is None or app.in_flight <= 1:
+        if self.proxy_app.in_flight <= 1:
             self._writes.flush()
         super().on_response_complete()
+        # uvicorn's own idle keep-alive timer, which it arms there whenever no pipelined
+        # request waits (it has no switch to leave it off): cancelled before it can fire. The
+        # idle keep-alive is this protocol's deadline (below, and in on_message_complete).
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
         if self.transport.is_closing() or not self.cycle.response_complete:
             return  # closing (its own deadline), or the next pipelined request is being answered
         if self._reading == _BETWEEN:
@@ -450,11 +484,12 @@ class GuestProtocol(HttpToolsProtocol):
 
     def _closing(self) -> bool:
         """The transport is asked to close. After an answer that did not wait for its
-        request's body (a refusal with `Connection: close`), first read the rest of that
-        body (a lingering close, bounded by DRAIN_BYTES and DRAIN_SECONDS): closing with
-        unread bytes sends a reset, which can destroy the answer before the guest read it.
-        Else the close begins; it waits for the write buffer to drain, so it gets a deadline
-        (a guest that does not read would hold the connection for ever)."""
+        request's body (a refusal with `Connection: close`, the app's 413 included: this is
+        the proxy's one lingering close), first read the rest of that body, bounded by
+        DRAIN_BYTES and DRAIN_SECONDS: closing with unread bytes sends a reset, which can
+        destroy the answer before the guest read it. Else the close begins; it waits for the
+        write buffer to drain, so it gets a deadline (a guest that does not read would hold
+        the connection for ever)."""
         cycle = self.cycle
         if (
             self._reading == _BODY
@@ -466,10 +501,10 @@ class GuestProtocol(HttpToolsProtocol):
             and (self._body_seen or not self.expect_100_continue)
         ):
             self._close_after_body = True
-            self.owner.closed = True
+            self.owner.connection_ended()
             return True  # on_response_complete starts the drain
         self._stopped = True
-        self.owner.closed = True
+        self.owner.connection_ended()
         # Nothing more is read: a read deadline left behind would have the timer fire for it,
         # find the transport closing and re-arm for it, once per loop pass until the close
         # completes (a busy loop for as long as a guest that does not read holds it open).
@@ -545,7 +580,7 @@ class GuestProtocol(HttpToolsProtocol):
         """Answer for a request the app never saw, then close; counted and logged like the app's.
         Inside or after another answer to the same request, only close."""
         request_id = new_request_id()
-        self.owner.closed = True  # the app acts on no request of this connection it has not begun
+        self.owner.connection_ended()  # the app acts on no request of this connection it has not begun
         cycle = self.cycle
         answer = self._may_answer() and not self.transport.is_closing()
         if cycle is not None and not cycle.response_started:
@@ -566,19 +601,18 @@ class GuestProtocol(HttpToolsProtocol):
         self._stopped = True
         self.transport.close()
         app = self.proxy_app
-        if app is not None:
-            app.metrics.count(app.metrics.refusals, refusal.code)
-            app.access_log.write(
-                request_id=request_id,
-                peer=self._peer,
-                vm=None,
-                vm_id=None,
-                method=None,
-                path=None,
-                route=None,
-                status=refusal.status if answer else 0,
-                code=refusal.code,
-                duration_ms=None,
-                upstream_status=None,
-                cache=None,
-            )
+        app.metrics.count(app.metrics.refusals, refusal.code)
+        app.access_log.write(
+            request_id=request_id,
+            peer=self._peer,
+            vm=None,
+            vm_id=None,
+            method=None,
+            path=None,
+            route=None,
+            status=refusal.status if answer else 0,
+            code=refusal.code,
+            duration_ms=None,
+            upstream_status=None,
+            cache=None,
+        )

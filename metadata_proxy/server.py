@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -30,7 +31,7 @@ from .config import Config, ConfigError, ListenAddress, check_input_files, load_
 from .forward import build_client
 from .logs import AccessLog
 from .metrics import Metrics
-from .protocol import KEEP_ALIVE_SECONDS, GuestProtocol
+from .protocol import KEEP_ALIVE_SECONDS, GuestProtocol, GuestSide
 from .registry import VM, Registry
 from .sessions import SessionTokens
 from .version import version
@@ -112,19 +113,24 @@ def socket_listen_address(sock: socket.socket) -> ListenAddress | None:
 
 
 def _uvicorn_config(
-    app: object, protocol: type[asyncio.Protocol] | None = None, drain: float = DRAIN_SECONDS
+    app: object, protocol: Callable[..., asyncio.Protocol] | None = None, drain: float = DRAIN_SECONDS
 ) -> uvicorn.Config:
+    """`protocol`: what uvicorn calls to build each connection's protocol (the guest side's
+    `functools.partial(GuestProtocol, side)`); None for uvicorn's own (the admin endpoint)."""
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         loop="none",
-        http=protocol or "httptools",
+        # Typed as a class, called as a factory with keyword arguments (GuestProtocol.__init__).
+        http=protocol or "httptools",  # type: ignore[arg-type]
         ws="none",  # an Upgrade is never ours to accept: such a request is served as plain HTTP
         lifespan="on",
         proxy_headers=False,  # identity is the socket peer, never a header
         server_header=False,
         access_log=False,
         log_config=None,
-        timeout_keep_alive=int(KEEP_ALIVE_SECONDS),  # GuestProtocol keeps the same deadline
+        # The admin endpoint's idle keep-alive. GuestProtocol cancels uvicorn's timer and keeps
+        # its own deadline (protocol.Deadlines.keep_alive_seconds).
+        timeout_keep_alive=int(KEEP_ALIVE_SECONDS),
         timeout_graceful_shutdown=int(drain),
     )
 
@@ -213,7 +219,8 @@ class ProxyServer:
             close_connections=self.close_connections,
         )
         self.app.metrics.configure(per_vm_labels=self.config.per_vm_metrics)
-        self.guest = uvicorn.Server(_uvicorn_config(self.app, GuestProtocol.bind(self.app)))
+        side = GuestSide(self.app)  # what every guest connection of this server shares
+        self.guest = uvicorn.Server(_uvicorn_config(self.app, functools.partial(GuestProtocol, side)))
         servers = [self.guest]
         self.admin: uvicorn.Server | None = None
         prober: asyncio.Task[None] | None = None

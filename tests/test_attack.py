@@ -7,9 +7,9 @@ control plane, and that the VM is served after.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
-from collections import Counter
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,11 @@ from metadata_proxy.config import parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.owners import OWNER_KEY
-from metadata_proxy.protocol import GuestProtocol
+from metadata_proxy.protocol import Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config
 from tests.harness import ControlPlane, Proxy, run, running
-from tests.test_hostile import ClockLoop, Fleet, RecordingSocket, exchange, refused, request
+from tests.test_hostile import ClockLoop, Fleet, RecordingSocket, exchange, local_app, refused, request
 
 ROUTES = """
 [limits]
@@ -232,23 +232,20 @@ async def test_a_flight_is_not_shared_with_a_new_vm_given_the_old_ones_name(cp: 
 # -- deadlines: a closing connection's timer ------------------------------------------------
 
 
-def test_a_closing_connection_does_not_spin_on_a_passed_read_deadline() -> None:
+def test_a_closing_connection_does_not_spin_on_a_passed_read_deadline(tmp_path: Path) -> None:
     """A read deadline passes (here the accept's first-byte one; likewise a 408 or a refusal)
     and the connection closes, its write buffer still draining (the guest does not read): the
     passed deadline stayed set, so the timer re-armed itself for that past instant and fired on
     every pass of the event loop, a busy loop of the whole process until the close's own
     deadline (2 s) aborted it. On ClockLoop the pass never ends: bounded here to 1000 firings."""
 
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("no request arrives")
-
-    config = _uvicorn_config(app, GuestProtocol)
+    app = local_app(tmp_path)  # no request arrives
+    side = GuestSide(app, Deadlines(header_timeout=5.0))
+    config = _uvicorn_config(app, functools.partial(GuestProtocol, side))
     config.load()
     loop = ClockLoop()
-    peers: Counter[str] = Counter()
-    bound = type("Spin", (GuestProtocol,), {"open_by_peer": peers, "header_timeout": 5.0})
     transport = RecordingSocket("127.0.0.151")  # close() leaves it closing: the kernel has not drained it
-    protocol = bound(config, uvicorn.server.ServerState(), {}, _loop=loop)
+    protocol = GuestProtocol(side, config, uvicorn.server.ServerState(), {}, _loop=loop)  # type: ignore[arg-type]
     protocol.connection_made(transport)
 
     firings = 0
@@ -264,4 +261,4 @@ def test_a_closing_connection_does_not_spin_on_a_passed_read_deadline() -> None:
     loop.advance(2.0)  # the close did not complete within CLOSE_SECONDS: aborted, the timer gone
     assert not [t for t in loop.timers if not t.cancelled and t.when <= loop.now]
     protocol.connection_lost(None)
-    assert not peers
+    assert not side.open_by_peer

@@ -13,12 +13,13 @@ waits are asserted as scheduled, on an event loop whose timers fire when the tes
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import socket
 import threading
 import time
-from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,9 +29,10 @@ from metadata_proxy import batch, logs
 from metadata_proxy.config import ListenAddress
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.metrics import Metrics
-from metadata_proxy.protocol import COALESCE_BYTES, CoalescingTransport, GuestProtocol
+from metadata_proxy.protocol import COALESCE_BYTES, CoalescingTransport, GuestProtocol, GuestSide
 from metadata_proxy.server import _uvicorn_config, bind_listen
 from tests.harness import free_port
+from tests.test_hostile import INSTANCE, local_app
 
 pytestmark = pytest.mark.anyio
 
@@ -152,34 +154,33 @@ async def test_writes_to_a_connection_closed_meanwhile_are_dropped() -> None:
     assert guest.get_extra_info("peername") == ("10.1.0.2", 40000)
 
 
-def test_a_lone_complete_answer_leaves_at_once_not_at_the_end_of_the_pass() -> None:
+def test_a_lone_complete_answer_leaves_at_once_not_at_the_end_of_the_pass(tmp_path: Path) -> None:
     """Through a real uvicorn server with GuestProtocol, one request in flight: the app
-    answers, then blocks the loop until the guest has its whole answer. Had the answer waited
-    for the end of the pass, the guest would have nothing while the app blocks.
+    answers, then the pass goes on, blocked until the guest has its whole answer. Had the
+    answer waited for the end of the pass, the guest would have nothing while it blocks.
     (With other requests in flight it would leave at the end of the pass, with theirs.)"""
     guest_has_it = threading.Event()
     blocked_in_vain: list[bool] = []
+    proxy = local_app(tmp_path, "127.0.0.153")
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"{}"})
-        # The rest of this pass (a log line, metrics) takes its time; generous, not a bound.
-        blocked_in_vain.append(not guest_has_it.wait(timeout=10))
+        await proxy(scope, receive, send)
+        if scope["type"] == "http":
+            # The rest of this pass (a log line, metrics) takes its time; generous, not a bound.
+            blocked_in_vain.append(not guest_has_it.wait(timeout=10))
 
     port = free_port()
-    server = uvicorn.Server(_uvicorn_config(app, type("Bound", (GuestProtocol,), {"open_by_peer": Counter()})))
+    server = uvicorn.Server(_uvicorn_config(app, functools.partial(GuestProtocol, GuestSide(proxy))))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [bind_listen(ListenAddress("127.0.0.1", port))]})
     thread.start()
     try:
         deadline = time.monotonic() + 10
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.01)
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as guest:
-            guest.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=("127.0.0.153", 0)) as guest:
+            guest.sendall(INSTANCE)
             answer = b""
-            while not answer.endswith(b"\r\n\r\n{}"):
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
                 answer += guest.recv(4096)
             guest_has_it.set()
         assert answer.startswith(b"HTTP/1.1 200 ")

@@ -188,3 +188,16 @@ def test_limiter_bucket_and_concurrency() -> None:
     now[0] += 10_000  # quiet VMs are evicted
     limiter.acquire("c")
     assert len(limiter) == 1
+
+
+def test_limiter_reconfigure_applies_to_the_next_request_and_keeps_each_vms_state() -> None:
+    now = [0.0]
+    limiter = Limiter(Limits(requests_per_second=1, burst=3, max_concurrent=1), clock=lambda: now[0])
+    assert limiter.acquire("a") is None
+    assert limiter.acquire("a") == 1  # one in flight, the cap
+    limiter.reconfigure(Limits(requests_per_second=1, burst=3, max_concurrent=2))  # a reload
+    assert limiter.acquire("a") is None  # the new cap
+    assert limiter.acquire("a") == 1  # two in flight: the one admitted before the reload still counts
+    limiter.reconfigure(Limits(requests_per_second=1, burst=3, max_concurrent=8))
+    assert limiter.acquire("a") is None  # the third token of the burst
+    assert limiter.acquire("a") == 1  # the bucket carried over, empty now

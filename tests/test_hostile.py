@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import re
@@ -33,7 +34,7 @@ from metadata_proxy.app import ProxyApp
 from metadata_proxy.config import ListenAddress, parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
-from metadata_proxy.protocol import GuestProtocol
+from metadata_proxy.protocol import Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config, bind_listen
 from tests.harness import ControlPlane, Proxy, free_port, run, running
@@ -937,7 +938,7 @@ class ClockLoop:
     """The few event-loop calls uvicorn's protocol and GuestProtocol make, on a clock that
     moves only when the test says (`advance`): what the protocol scheduled is asserted to the
     scheduled instant, whatever else the machine is doing. A request's app runs to its end
-    at once (the test apps never wait)."""
+    at once (the requests here are answered from the registry: the app never waits)."""
 
     class Timer:
         def __init__(self, when: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
@@ -993,6 +994,26 @@ class ClockLoop:
         self.now = until
 
 
+# A request the app answers from the registry alone (its local endpoint): on ClockLoop, at once.
+INSTANCE = b"GET /metadata/v1/instance HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\n\r\n"
+
+
+def local_app(tmp_path: Path, address: str | None = None) -> ProxyApp:
+    """The real app, for a GuestProtocol driven without a control plane: the VM `clock` at
+    `address` (if any) registered by hostagent; the control plane's address is never dialled,
+    so only requests answered before the forward (INSTANCE, refusals) are for it."""
+    registry = tmp_path / "registry.sqlite3"
+    if address is not None:
+        token = tokens.mint("vm-clock", (None, b"a clock test secret, 32 bytes or more"))
+        vm = json.dumps({"name": "clock", "address": address, "token": token})
+        run("hostagent", "--registry", str(registry), "vm", "sync", "-", input=vm + "\n")
+    config = parse_config(
+        {"host_id": "host-clock", "registry": str(registry), "control_plane": {"url": "http://127.0.0.1:9"}}
+    )
+    client = build_client(config.control_plane)
+    return ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+
+
 class RecordingSocket(asyncio.Transport):
     """What the protocol wrote and whether it closed the connection (asyncio's socket transport
     stands in for the kernel here: the one part that is not ours)."""
@@ -1026,26 +1047,22 @@ class RecordingSocket(asyncio.Transport):
         pass
 
 
-def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
+def test_header_deadline_is_scheduled_from_each_heads_first_byte(tmp_path: Path) -> None:
     """GuestProtocol driven on ClockLoop: the silent close of a connection that sent nothing
     comes at the accept's deadline, and a head's 408 at its own deadline, to the instant,
     counted from that head's first byte (README, "Slow and greedy guests"), the first head's
     as a later one's."""
     deadline = 5.0
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    config = _uvicorn_config(app, GuestProtocol)
+    app = local_app(tmp_path, "127.0.0.150")
+    side = GuestSide(app, Deadlines(header_timeout=deadline))
+    config = _uvicorn_config(app, functools.partial(GuestProtocol, side))
     config.load()
     loop = ClockLoop()
     state = uvicorn.server.ServerState()
-    bound = type("Deadline", (GuestProtocol,), {"open_by_peer": Counter(), "header_timeout": deadline})
 
     def connect() -> tuple[GuestProtocol, RecordingSocket]:
         transport = RecordingSocket("127.0.0.150")
-        protocol = bound(config, state, {}, _loop=loop)
+        protocol = GuestProtocol(side, config, state, {}, _loop=loop)  # type: ignore[arg-type]
         protocol.connection_made(transport)
         return protocol, transport
 
@@ -1056,7 +1073,7 @@ def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
         assert json.loads(transport.written.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
         return True
 
-    head = b"GET /runtime/whoami HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n"
+    head = INSTANCE
     idle, idle_socket = connect()  # never sends a byte
     slow, slow_socket = connect()  # a head that never ends
     kept, kept_socket = connect()  # a whole request, then a second head that never ends
@@ -1085,7 +1102,7 @@ def test_header_deadline_is_scheduled_from_each_heads_first_byte() -> None:
     assert timed_out(kept_socket)
     for protocol in (idle, slow, kept):
         protocol.connection_lost(None)
-    assert not bound.open_by_peer
+    assert not side.open_by_peer
 
 
 @pytest.mark.anyio
@@ -1112,8 +1129,8 @@ async def test_header_deadline(cp: ControlPlane, tmp_path: Path) -> None:
     run("hostagent", "--registry", str(registry), "vm", "sync", "-", input="\n".join(vms) + "\n")
     client = build_client(config.control_plane)
     app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
-    bound = {"proxy_app": app, "open_by_peer": Counter(), "header_timeout": deadline}
-    server = uvicorn.Server(_uvicorn_config(app, type("ShortDeadline", (GuestProtocol,), bound)))
+    side = GuestSide(app, Deadlines(header_timeout=deadline))
+    server = uvicorn.Server(_uvicorn_config(app, functools.partial(GuestProtocol, side)))
     server.config.load()
     server.lifespan = server.config.lifespan_class(server.config)
     await server.startup(sockets=[bind_listen(ListenAddress("127.0.0.1", port))])

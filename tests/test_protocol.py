@@ -9,6 +9,7 @@ newest uvicorn in a throwaway venv.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import io
 import json
@@ -28,13 +29,15 @@ from metadata_proxy.app import ProxyApp
 from metadata_proxy.config import ListenAddress, parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
-from metadata_proxy.protocol import CoalescingTransport, GuestProtocol
+from metadata_proxy.protocol import CoalescingTransport, Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config, bind_listen
 from tests.harness import ControlPlane, free_port, run
+from tests.test_hostile import INSTANCE, ClockLoop, RecordingSocket, local_app
 
 # uvicorn's HttpToolsProtocol methods GuestProtocol overrides and calls, with their parameters.
 OVERRIDDEN = {
+    "__init__": ["self", "config", "server_state", "app_state", "_loop"],  # GuestSide bound before them
     "connection_made": ["self", "transport"],
     "connection_lost": ["self", "exc"],
     "on_message_begin": ["self"],
@@ -87,6 +90,52 @@ def test_uvicorn_attributes_the_seam_reads_exist() -> None:
     assert list(inspect.signature(uvicorn.Config).parameters)[:1] == ["app"]
     for option in ("http", "ws", "proxy_headers", "timeout_keep_alive", "server_header", "lifespan"):
         assert option in inspect.signature(uvicorn.Config).parameters, option
+
+
+def test_uvicorn_builds_each_connection_through_the_factory_it_is_given(tmp_path: Path) -> None:
+    """server.py hands uvicorn `functools.partial(GuestProtocol, side)` as its `http`: uvicorn
+    keeps a non-string `http` as is and calls it with these keyword arguments."""
+    app = local_app(tmp_path)
+    factory = functools.partial(GuestProtocol, GuestSide(app))
+    config = _uvicorn_config(app, factory)
+    config.load()
+    kept: object = config.http_protocol_class
+    assert kept is factory
+    startup = inspect.getsource(uvicorn.Server.startup)
+    assert "config.http_protocol_class(" in startup
+    for keyword in ("config=config", "server_state=self.server_state", "app_state=self.lifespan.state", "_loop=_loop"):
+        assert keyword in startup, keyword
+
+
+def test_the_idle_keep_alive_has_one_owner(tmp_path: Path) -> None:
+    """uvicorn arms its own keep-alive timer (timeout_keep_alive: 5 s) whenever an answer
+    completes; GuestProtocol cancels it there, so an idle connection closes at its own
+    deadline, here 30 s, and never at uvicorn's. Driven on ClockLoop, built as uvicorn builds it."""
+    app = local_app(tmp_path, "127.0.0.152")
+    side = GuestSide(app, Deadlines(keep_alive_seconds=30.0))
+    config = _uvicorn_config(app, functools.partial(GuestProtocol, side))
+    config.load()
+    assert config.timeout_keep_alive == 5
+    loop = ClockLoop()
+    protocol = config.http_protocol_class(  # type: ignore[call-arg]
+        config=config, server_state=uvicorn.server.ServerState(), app_state={}, _loop=loop
+    )
+    assert isinstance(protocol, GuestProtocol)
+    transport = RecordingSocket("127.0.0.152")
+    protocol.connection_made(transport)
+    protocol.data_received(INSTANCE)
+    loop.advance(0)
+    assert transport.written.startswith(b"HTTP/1.1 200 ")
+    assert protocol.timeout_keep_alive_task is None  # uvicorn's, cancelled
+    loop.advance(30 - 0.001)
+    assert not transport.closed  # uvicorn's timer would have closed it at 5 s
+    protocol.data_received(INSTANCE)  # the next request on the kept connection: idle anew after it
+    loop.advance(30 - 0.001)
+    assert not transport.closed and transport.written.count(b"HTTP/1.1 200 ") == 2
+    loop.advance(0.001)
+    assert transport.closed and transport.written.count(b"HTTP/1.1 ") == 2  # closed, nothing more said
+    protocol.connection_lost(None)
+    assert not side.open_by_peer
 
 
 def test_httptools_calls_the_callbacks_by_these_names() -> None:
@@ -208,7 +257,7 @@ async def served(cp: ControlPlane, tmp_path: Path, protocol: type[GuestProtocol]
     run("hostagent", "--registry", str(registry), "vm", "sync", "-", input=vm + "\n")
     client = build_client(config.control_plane)
     app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
-    server = uvicorn.Server(_uvicorn_config(app, protocol.bind(app)))
+    server = uvicorn.Server(_uvicorn_config(app, functools.partial(protocol, GuestSide(app))))
     server.config.load()
     server.lifespan = server.config.lifespan_class(server.config)
     await server.startup(sockets=[bind_listen(ListenAddress("127.0.0.1", port))])
