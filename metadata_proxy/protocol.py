@@ -254,7 +254,8 @@ class GuestProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return  # read and dropped until the answers queued before are out and it closes
-        # uvicorn's keep-alive timer (its own on_response_complete arms it): bytes arrived.
+        # uvicorn's keep-alive timer, should its on_response_complete have armed it (this
+        # protocol's does not): bytes arrived.
         keep_alive = self.timeout_keep_alive_task
         if keep_alive is not None:
             keep_alive.cancel()
@@ -368,9 +369,16 @@ class GuestProtocol(HttpToolsProtocol):
         app = self.proxy_app
         if app is None or app.in_flight <= 1:
             self._writes.flush()
-        super().on_response_complete()
+        if self.pipeline:
+            super().on_response_complete()  # uvicorn starts the next request queued behind this one
+            return
+        # With nothing queued, what uvicorn's on_response_complete does, less its keep-alive
+        # timer (a call_later and a cancel for every request, bench/): this protocol keeps the
+        # idle keep-alive with its own deadline, below.
+        self.server_state.total_requests += 1
         if self.transport.is_closing() or not self.cycle.response_complete:
-            return  # closing (its own deadline), or the next pipelined request is being answered
+            return  # closing (its own deadline), or the next request is being answered
+        self.flow.resume_reading()
         if self._reading == _BETWEEN:
             self._set_deadline(self.loop.time() + self.keep_alive_seconds)
         elif self._reading == _BODY and self._drain_began is None:
