@@ -445,7 +445,7 @@ class ProxyApp:
                 target,
                 headers,
                 body,
-                content_length=length if not isinstance(body, bytes | None) else None,
+                content_length=length if body is not None and not isinstance(body, bytes) else None,  # streamed
                 timeout=route.timeout,
             )
             if body is None and route.timeout > self.config.control_plane.timeout:

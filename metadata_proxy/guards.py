@@ -36,12 +36,9 @@ _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 # Spring) and empty segments (`//`: nginx's merge_slashes, Spring, Go routers that clean).
 _PATH_PARAMETERS = re.compile(rb";[^/]*")
 _EMPTY_SEGMENTS = re.compile(rb"//+")
-# A path another server may read as a different one (match_route): path parameters, empty
-# segments, percent-encoding. One scan: nearly every path has none of them.
-_READ_OTHERWISE = re.compile(rb"[;%]|//")
-# `b"_" in name` makes CPython try the right-hand bytes as an integer first, raising and
-# clearing a TypeError every time; an int operand is a plain byte search.
-_UNDERSCORE = ord("_")
+# Single bytes looked for with `in` as ints: `b"_" in name` makes CPython try the bytes as an
+# integer first, raising and clearing a TypeError every time; an int is a plain byte search.
+_UNDERSCORE, _SEMICOLON, _PERCENT = ord("_"), ord(";"), ord("%")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,15 +256,13 @@ def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
         return None  # a bare name no route covers stays unmatched ("/runtime" is not_found)
     if named is not None:
         return named
-    if not _READ_OTHERWISE.search(raw_path):
-        return best
     # As a server that drops path parameters and empty segments reads it: the same route,
     # else under none (`/runtime//identity/`, `/runtime/identity;x` are the identity route's).
-    if b";" in raw_path or b"//" in raw_path:
+    if _SEMICOLON in raw_path or raw_path.find(b"//") >= 0:
         read = _EMPTY_SEGMENTS.sub(b"/", _PATH_PARAMETERS.sub(b"", raw_path))
         if match_route(read, routes) is not best:
             return None
-    if b"%" in raw_path:
+    if _PERCENT in raw_path:
         # Each round of decoding must stay under the same route (check_path bounds the rounds).
         decoded = unquote_to_bytes(raw_path)
         if decoded != raw_path and match_route(decoded, routes) is not best:
