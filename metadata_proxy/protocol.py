@@ -309,7 +309,12 @@ class GuestProtocol(HttpToolsProtocol):
         self._requests += 1
         self._head_bytes = 0
         self._head_began = now = self.loop.time()
-        self._set_deadline(now + self.header_timeout)
+        deadline = self._read_deadline
+        if deadline is None or deadline > now + self.header_timeout:
+            self._set_deadline(now + self.header_timeout)
+        # Else the deadline set (the idle keep-alive's, the accept's first byte's) passes no
+        # later than this head's: should it pass first, _deadline_passed moves it on to this
+        # head's. One deadline move fewer for nearly every request.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._reading == _HEAD:
@@ -512,6 +517,8 @@ class GuestProtocol(HttpToolsProtocol):
                 transport.close()  # nothing came (the accept's first byte) or idle keep-alive
             else:
                 self._set_deadline(None)
+        elif reading == _HEAD and now < self._head_began + self.header_timeout:
+            self._set_deadline(self._head_began + self.header_timeout)  # an earlier one passed: this head's
         elif reading == _HEAD:
             in_flight = (cycle is not None and not cycle.response_complete) or self.pipeline
             if in_flight or self.flow.read_paused:
