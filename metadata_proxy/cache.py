@@ -110,6 +110,9 @@ class ResponseCache:
 
     def get(self, vm: str, target: bytes) -> tuple[Entry, int] | None:
         """A fresh entry and its age in whole seconds, or None."""
+        targets = self._per_vm.get(vm)
+        if targets is None or target not in targets:
+            return None  # the usual answer, on every GET: without a further call
         return self._lookup(vm, target, stale=False)
 
     def get_stale(self, vm: str, target: bytes) -> tuple[Entry, int] | None:

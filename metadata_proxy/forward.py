@@ -125,7 +125,7 @@ def upstream_headers(
                 _connection_tokens(value, named)
         else:
             headers.append((name, value))
-    headers = _without(headers, named)
+    headers = _without(headers, named - _REQUEST_DROP)  # a name dropped above needs no second pass
     headers += [
         (b"authorization", b"Bearer " + token.encode("ascii")),
         (b"x-forwarded-for", peer.encode("ascii")),
@@ -146,7 +146,8 @@ def response_headers(received: Headers, request_id: bytes) -> list[tuple[bytes, 
                 _connection_tokens(value, named)
         else:
             headers.append((lower, value))
-    headers = _without(headers, named)
+    # A name dropped above already (`Connection: keep-alive`, the usual one) needs no second pass.
+    headers = _without(headers, named - _RESPONSE_DROP)
     headers.append((b"x-request-id", request_id))
     return headers
 

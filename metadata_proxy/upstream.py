@@ -81,6 +81,9 @@ _BACKOFF_CAP = 1.0
 
 _METHOD_PREFIXES = {m: m.encode("ascii") + b" " for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# An int: `b" " in target` makes CPython try the bytes as an integer first (a TypeError
+# raised and cleared on every request).
+_SPACE = ord(" ")
 
 
 class UpstreamError(Exception):
@@ -635,7 +638,7 @@ class Upstream:
             prefix = raw + b" "
         if content_length is not None and content_length < 0:
             raise ValueError(f"negative content_length {content_length}")
-        if not target or b" " in target:
+        if not target or _SPACE in target:
             raise ValueError(f"invalid request target {target!r}")
         parts = [prefix, target, self._after_target]
         for name, value in headers:

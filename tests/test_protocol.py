@@ -87,6 +87,10 @@ def test_uvicorn_attributes_the_seam_reads_exist() -> None:
     for name in CYCLE_ATTRIBUTES:
         assert f"self.{name} =" in cycle, name
     assert "self.read_paused" in inspect.getsource(flow_control.FlowControl.__init__)
+    # GuestProtocol.on_response_complete does uvicorn's part itself when nothing is queued
+    # (without uvicorn's keep-alive timer): the request count and resuming reads.
+    assert "self.total_requests" in inspect.getsource(uvicorn.server.ServerState.__init__)
+    assert list(inspect.signature(flow_control.FlowControl.resume_reading).parameters) == ["self"]
     assert list(inspect.signature(uvicorn.Config).parameters)[:1] == ["app"]
     for option in ("http", "ws", "proxy_headers", "timeout_keep_alive", "server_header", "lifespan"):
         assert option in inspect.signature(uvicorn.Config).parameters, option
@@ -295,3 +299,45 @@ async def test_the_seam_works_and_a_broken_one_fails_closed(cp: ControlPlane, tm
         status, body = await ask(request)
     assert (status, json.loads(body)["error"]["code"]) == (500, "internal_error")
     assert cp.requests_seen("/runtime/whoami") == before
+
+
+class Remembered(GuestProtocol):
+    """GuestProtocol that keeps its connections, for the test to look at."""
+
+    made: list[GuestProtocol] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Remembered.made.append(self)
+        super().connection_made(transport)
+
+
+@pytest.mark.anyio
+async def test_an_answer_arms_no_uvicorn_keep_alive_timer_and_the_connection_serves_on(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
+    """With nothing queued, GuestProtocol does uvicorn's on_response_complete part itself
+    (the request count, resuming reads) without uvicorn's keep-alive timer, a call_later
+    and a cancel per request: its own deadline keeps the idle connection."""
+    Remembered.made.clear()
+    async with served(cp, tmp_path, Remembered) as request:
+        keep_alive = request.replace(b"Connection: close\r\n", b"")
+        port = int(request.split(b"127.0.0.1:")[1].split(b"\r\n")[0])
+        sock = socket.socket()
+        sock.bind(("127.0.0.180", 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            for n in (1, 2):
+                writer.write(keep_alive)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = await reader.readexactly(length)
+                assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["vm_id"] == "vm-s"
+                (protocol,) = Remembered.made
+                await asyncio.sleep(0.05)  # the request's task ends
+                assert protocol.server_state.total_requests == n
+                assert protocol.timeout_keep_alive_task is None
+                assert not protocol.transport.is_closing()
+        finally:
+            writer.close()
