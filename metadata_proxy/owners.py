@@ -35,15 +35,31 @@ class ConnectionOwner:
     VM); when the registry could not be read at accept time, the first request decides.
     `closed` is set by the guest protocol once it answered the connection itself (a parse
     error, a deadline) or the guest went away: a request of it the app has not begun is
-    neither forwarded nor answered.
+    neither forwarded nor answered. `gone` once the connection is closed (`hang_up`, from
+    the protocol's connection_lost); a request that waits meanwhile (a long-poll, a wait for
+    an identical call) is told through the callback it set with `on_hang_up`.
     """
 
-    __slots__ = ("identity", "known", "closed")
+    __slots__ = ("identity", "known", "closed", "gone", "_on_hang_up")
 
     def __init__(self, vm: VM | None, known: bool = True) -> None:
         self.identity = (vm.name, vm.vm_id) if vm else None
         self.known = known
         self.closed = False
+        self.gone = False
+        self._on_hang_up: Callable[[], object] | None = None
+
+    def on_hang_up(self, callback: Callable[[], object] | None) -> None:
+        """Have `callback` run when the connection closes (None: no longer). One at a time:
+        the request being answered. The caller checks `gone` first."""
+        self._on_hang_up = callback
+
+    def hang_up(self) -> None:
+        """The connection closed (the guest left, or the protocol closed it)."""
+        self.gone = True
+        callback, self._on_hang_up = self._on_hang_up, None
+        if callback is not None:
+            callback()
 
     def admits(self, vm: VM) -> bool:
         if not self.known:
