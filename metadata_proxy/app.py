@@ -430,6 +430,7 @@ class ProxyApp:
                 content_length=length if not isinstance(body, bytes | None) else None,
                 timeout=route.timeout,
             )
+            del headers  # the request's head from now on: a held request's frame keeps no copy
             if body is None and route.timeout > self.config.control_plane.timeout:
                 # A long-poll route: a held request must not keep its `max_concurrent` slot
                 # and an upstream connection to the route's timeout for a guest that left.
