@@ -31,6 +31,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -135,9 +136,10 @@ async def measure(args: argparse.Namespace, server: ProxyServer, port: int) -> d
     if (await client.stdout.readline()).strip() != b"warm":
         raise SystemExit("the client failed")
     await asyncio.sleep(1)
-    counts0, sizes0 = census()
+    counts0, sizes0 = census() if args.census else (Counter(), Counter())
     snap0 = tracemalloc.take_snapshot() if args.trace else None
     rss0, malloc0 = rss_mb(os.getpid()), malloc_in_use()
+    cpu0 = time.process_time()
     client.stdin.write(b"go\n")
     await client.stdin.drain()
     app, pool = server.app, server.app.client
@@ -148,9 +150,10 @@ async def measure(args: argparse.Namespace, server: ProxyServer, port: int) -> d
     else:
         raise SystemExit(f"only {app.in_flight} held, {pool.connections_open} upstream connections")
     await asyncio.sleep(SETTLE_SECONDS)
+    holding_cpu = time.process_time() - cpu0
     rss1, malloc1 = rss_mb(os.getpid()), malloc_in_use()
     snap1 = tracemalloc.take_snapshot() if args.trace else None
-    counts1, sizes1 = census()
+    counts1, sizes1 = census() if args.census else (Counter(), Counter())
     report: dict[str, object] = {
         "held": total,
         "rss_growth_bytes_per_held": round((rss1 - rss0) * 1e6 / total),
@@ -160,17 +163,18 @@ async def measure(args: argparse.Namespace, server: ProxyServer, port: int) -> d
         f"held {total}: RSS {rss0:.1f} -> {rss1:.1f} MB, {report['rss_growth_bytes_per_held']} B/held;"
         f" malloc in use +{report['malloc_growth_bytes_per_held']} B/held"
     )
-    print("\nper held request, by type (gc census; getsizeof):")
-    rows = []
-    for name in set(counts1) | set(counts0):
-        dn = counts1[name] - counts0[name]
-        ds = sizes1[name] - sizes0[name]
-        if abs(dn) >= total // 2 or abs(ds) >= total * 16:
-            rows.append((ds, dn, name))
-    rows.sort(reverse=True)
-    for ds, dn, name in rows:
-        print(f"  {dn / total:6.2f} x {name:60s} {ds / total:8.0f} B")
-    print(f"  {'total':>69s} {sum(r[0] for r in rows) / total:8.0f} B")
+    if args.census:
+        print("\nper held request, by type (gc census; getsizeof):")
+        rows = []
+        for name in set(counts1) | set(counts0):
+            dn = counts1[name] - counts0[name]
+            ds = sizes1[name] - sizes0[name]
+            if abs(dn) >= total // 2 or abs(ds) >= total * 16:
+                rows.append((ds, dn, name))
+        rows.sort(reverse=True)
+        for ds, dn, name in rows:
+            print(f"  {dn / total:6.2f} x {name:60s} {ds / total:8.0f} B")
+        print(f"  {'total':>69s} {sum(r[0] for r in rows) / total:8.0f} B")
     if snap0 is not None and snap1 is not None:
         diff = snap1.compare_to(snap0, "traceback")
         grown = sum(stat.size_diff for stat in diff)
@@ -189,8 +193,15 @@ async def measure(args: argparse.Namespace, server: ProxyServer, port: int) -> d
             frame = stat.traceback[0]
             print(f"  {stat.size_diff / total:7.0f} B/held  {frame.filename}:{frame.lineno}")
     client.stdin.close()
+    cpu = time.process_time()
     write_vms(args.vm_file, generation=1)
     await asyncio.wait_for(client.wait(), 60)
+    answer_cpu = time.process_time() - cpu
+    report["cpu_us"] = round((holding_cpu + answer_cpu) / total * 1e6, 1)
+    print(
+        f"\nCPU a request, from its arrival to its answer (every VM's metadata changed at once):"
+        f" {report['cpu_us']} µs ({answer_cpu / total * 1e6:.1f} of them answering)"
+    )
     return report
 
 
@@ -200,6 +211,12 @@ def main() -> int:
     parser.add_argument("--per-vm", type=int, default=10)
     parser.add_argument("--trace", type=int, default=0, help="tracemalloc with this many frames (0: off)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--no-census",
+        dest="census",
+        action="store_false",
+        help="skip the object census (its full collections move the garbage collector's next ones: for CPU)",
+    )
     args = parser.parse_args()
     raise_nofile()
     if args.trace:
