@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import io
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,6 +88,18 @@ def test_uvicorn_attributes_the_seam_reads_exist() -> None:
     assert list(inspect.signature(uvicorn.Config).parameters)[:1] == ["app"]
     for option in ("http", "ws", "proxy_headers", "timeout_keep_alive", "server_header", "lifespan"):
         assert option in inspect.signature(uvicorn.Config).parameters, option
+
+
+def test_the_guest_protocol_keeps_its_own_state_in_slots() -> None:
+    """Every attribute GuestProtocol sets on a connection that uvicorn's protocol does not is
+    one of its __slots__: on top of uvicorn's, they would give every connection a dict of its
+    own (bench/held_memory.py measures what that costs a held long-poll)."""
+
+    def assigned(cls: type) -> set[str]:
+        return set(re.findall(r"self\.(\w+)(?:: [^=\n]+)? = ", inspect.getsource(cls)))
+
+    ours = assigned(GuestProtocol) - assigned(httptools_impl.HttpToolsProtocol)
+    assert ours and ours <= set(GuestProtocol.__slots__), sorted(ours - set(GuestProtocol.__slots__))
 
 
 def test_httptools_calls_the_callbacks_by_these_names() -> None:
