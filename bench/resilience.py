@@ -24,7 +24,8 @@ with its request counter); the proxy is `metadata-proxy serve`, one worker, acce
 
 Every process started here is stopped on exit; 20,000+ descriptors are needed (10,000
 guest and 10,000 upstream connections in the proxy), so the open-file limit is raised
-(as root, the hard one too).
+(the hard one too where the process may: CAP_SYS_RESOURCE); below that, as many are held as
+the hard limit allows, and the memory verdict scales the growth to 10,000.
 """
 
 from __future__ import annotations
