@@ -24,7 +24,8 @@ with its request counter); the proxy is `metadata-proxy serve`, one worker, acce
 
 Every process started here is stopped on exit; 20,000+ descriptors are needed (10,000
 guest and 10,000 upstream connections in the proxy), so the open-file limit is raised
-(as root, the hard one too).
+(the hard one too where the process may: CAP_SYS_RESOURCE); below that, as many are held as
+the hard limit allows, and the memory verdict scales the growth to 10,000.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ IDLE_SECONDS = 10.0
 
 # The goals of issue 15.
 GOAL_CALLS_PER_VM = 1.0
-GOAL_RSS_MB = 60.0
+GOAL_RSS_MB = 60.0  # for GOAL_HELD held long-polls
+GOAL_HELD = VMS * PER_VM
 GOAL_IDLE_CPU = 0.02
 
 
@@ -363,7 +365,8 @@ def render(storm: dict[str, float], polls: dict[str, float]) -> str:
         f"{storm['max_ms']:.0f} ms (10,000 requests in {storm['wall_s']:.1f} s; proxy CPU "
         f"{storm['cpu_us']:.0f} µs a request) | | |",
         f"| {held}: proxy RSS growth | {growth:+.1f} MB ({polls['rss_before']:.1f} → "
-        f"{polls['rss_held']:.1f}) | ≤ {GOAL_RSS_MB:g} MB | {verdict(growth <= GOAL_RSS_MB)} |",
+        f"{polls['rss_held']:.1f}; {growth * 1e3 / polls['held']:.1f} KB a held request) | "
+        f"≤ {GOAL_RSS_MB:g} MB | {verdict(growth * GOAL_HELD / polls['held'] <= GOAL_RSS_MB)} |",
         f"| {held}: proxy CPU while they wait | {polls['idle_held']:.2%} of a core "
         f"(none held: {polls['idle_empty']:.2%}) | ≤ {GOAL_IDLE_CPU:.0%} | {idle_ok} |",
         f"| all metadata changed at once: change to guest p50 / p99 / max | {polls['p50_ms']:.0f} / "
@@ -374,7 +377,9 @@ def render(storm: dict[str, float], polls: dict[str, float]) -> str:
         "MB = 10^6 bytes, from VmRSS; CPU from the proxy's utime + stime over "
         f"{IDLE_SECONDS:g} s. The change-to-guest latency includes the control plane's 0.2 s stat "
         "interval and its own time to answer every held request. Fewer than 10,000 held means the "
-        "machine's hard open-file limit (each held request takes two descriptors in the proxy) did not allow more.",
+        "machine's hard open-file limit (each held request takes two descriptors in the proxy) did not allow more "
+        "(raising a hard limit takes CAP_SYS_RESOURCE); the verdict then scales the growth to 10,000. "
+        "`bench/held_memory.py` shows where a held request's memory goes.",
     ]
     return "\n".join(out) + "\n"
 

@@ -366,15 +366,8 @@ class ProxyApp:
 
     async def wait_for(self, ex: Exchange, flight: Flight) -> tuple[Entry, str] | None:
         """The outcome of the identical call in flight; GuestDisconnected if our guest leaves first."""
-        outcome = flight.outcome()
-        watcher = asyncio.ensure_future(_until_disconnect(ex.receive))
-        try:
-            await asyncio.wait((outcome, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if outcome.done():
-            return outcome.result()
-        raise GuestDisconnected
+        with _UntilHangUp(ex):
+            return await asyncio.shield(flight.outcome())  # shared: our hang-up must not cancel it
 
     async def fetch(self, ex: Exchange, route: Route, raw_path: bytes, target: bytes) -> tuple[Entry, str] | None:
         """A GET the cache missed: call, answer the guest (stale if the call fails and an entry
@@ -426,8 +419,12 @@ class ProxyApp:
                 content_length=length if body is not None and not isinstance(body, bytes) else None,  # streamed
                 timeout=route.timeout,
             )
+            del headers  # the request's head from now on: a held request's frame keeps no copy
             if body is None and route.timeout > self.config.control_plane.timeout:
-                response = await _held(ex, request)  # a long-poll route
+                # A long-poll route: a held request must not keep its `max_concurrent` slot
+                # and an upstream connection to the route's timeout for a guest that left.
+                with _UntilHangUp(ex):
+                    response = await request
             else:
                 response = await request
         except BodyTooLarge:
@@ -562,36 +559,34 @@ class ProxyApp:
                 return
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    """Returns when the guest's connection is gone (its request body, if any, is dropped)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class _UntilHangUp:
+    """Inside it, the guest's hang-up (ConnectionOwner.hang_up) cancels the request's task,
+    and the exit turns that cancellation into GuestDisconnected (any other passes through):
+    what is awaited inside is abandoned at once (an upstream call's connection closed).
+    A callback rather than a task watching `receive()`: a held request costs one task, not
+    two (bench/held_memory.py). Nothing resumes reading meanwhile: where uvicorn paused it
+    (a pipelined request queued behind, a GET's body past its buffer), a hang-up is seen
+    when the wait ends."""
 
+    __slots__ = ("_owner", "_task")
 
-async def _held(ex: Exchange, call: Awaitable[upstream.Response]) -> upstream.Response:
-    """`call` (a bodiless request on a long-poll route), abandoned at once, with its upstream
-    connection closed, when the guest goes away: a held request must not keep its
-    `max_concurrent` slot and an upstream connection to the route's timeout for nobody."""
-    current = asyncio.current_task()
-    assert current is not None
-    holding = True
+    def __init__(self, ex: Exchange) -> None:
+        self._owner: ConnectionOwner = ex.scope[OWNER_KEY]
 
-    def hang_up(watcher: asyncio.Future[None]) -> None:
-        if holding and not watcher.cancelled():
-            current.cancel()
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        if self._owner.gone:
+            task.cancel()  # gone already: the first wait inside ends at once
+        else:
+            self._owner.on_hang_up(task.cancel)
 
-    watcher = asyncio.ensure_future(_until_disconnect(ex.receive))
-    watcher.add_done_callback(hang_up)
-    try:
-        return await call
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
-            current.uncancel()
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        owner = self._owner
+        owner.on_hang_up(None)
+        if kind is asyncio.CancelledError and owner.gone and self._task.uncancel() == 0:
             raise GuestDisconnected from None
-        raise
-    finally:
-        holding = False
-        watcher.cancel()
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

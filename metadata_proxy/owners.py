@@ -33,16 +33,34 @@ class ConnectionOwner:
     holder's token, not even for the one request that races the close of that connection.
     Every request on the connection must come from the same VM (a token rotation keeps the
     VM); when the registry could not be read at accept time, the first request decides.
-    `closed` says that the guest protocol called `connection_ended()`: a request of the
-    connection that the app has not begun is neither forwarded nor answered.
+    `closed` once the guest protocol called `connection_ended()` (it answered the connection
+    itself, a parse error or a deadline, or began to close it): a request of the connection
+    that the app has not begun is neither forwarded nor answered. `gone` once the connection
+    is closed (`hang_up`, from the protocol's connection_lost; `closed` with it): a request
+    that waits meanwhile (a long-poll, a wait for an identical call) is told through the
+    callback it set with `on_hang_up`.
     """
 
-    __slots__ = ("identity", "known", "closed")
+    __slots__ = ("identity", "known", "closed", "gone", "_on_hang_up")
 
     def __init__(self, vm: VM | None, known: bool = True) -> None:
         self.identity = (vm.name, vm.vm_id) if vm else None
         self.known = known
         self.closed = False
+        self.gone = False
+        self._on_hang_up: Callable[[], object] | None = None
+
+    def on_hang_up(self, callback: Callable[[], object] | None) -> None:
+        """Have `callback` run when the connection closes (None: no longer). One at a time:
+        the request being answered. The caller checks `gone` first."""
+        self._on_hang_up = callback
+
+    def hang_up(self) -> None:
+        """The connection closed (the guest left, or the protocol closed it)."""
+        self.closed = self.gone = True
+        callback, self._on_hang_up = self._on_hang_up, None
+        if callback is not None:
+            callback()
 
     def admits(self, vm: VM) -> bool:
         if not self.known:
@@ -50,8 +68,8 @@ class ConnectionOwner:
         return self.identity == (vm.name, vm.vm_id)
 
     def connection_ended(self) -> None:
-        """The guest protocol answered the connection itself (a parse error, a deadline),
-        began to close it, or the guest went away."""
+        """The guest protocol answered the connection itself (a parse error, a deadline) or
+        began to close it."""
         self.closed = True
 
     def lost(self, holder: VM | None) -> bool:

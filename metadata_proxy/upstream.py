@@ -282,7 +282,9 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._timeout = pool._timeout
         self._transport: asyncio.Transport = cast(asyncio.Transport, None)  # set in connection_made
-        self._parser = httptools.HttpResponseParser(self)
+        # Made with the first answer's first byte: a held long-poll's fresh connection waits
+        # minutes for it, and a parser is ~1 KB (bench/held_memory.py).
+        self._parser: httptools.HttpResponseParser | None = None
         self._resp: Response | None = None  # the exchange in progress
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_for = ""  # what the wait in progress expects, for the timeout's message
@@ -299,7 +301,7 @@ class _Connection(asyncio.Protocol):
         self._body_consumed = False
         self._lost = False
         self._counted = False  # holds one of the pool's slots: from a successful connect to connection_lost
-        self._closed: asyncio.Future[None] = loop.create_future()
+        self._closed: asyncio.Future[None] | None = None  # made when aclose waits for it (_when_closed)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -313,8 +315,11 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
             return
         resp._started = True
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpResponseParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._parse_failed(resp, exc)
             return
@@ -356,7 +361,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._wake()
         self._pool._connection_lost(self)
-        if not self._closed.done():
+        if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
 
     def pause_writing(self) -> None:
@@ -391,6 +396,7 @@ class _Connection(asyncio.Protocol):
         resp = self._resp
         assert resp is not None
         parser = self._parser
+        assert parser is not None  # it calls us
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -561,6 +567,14 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._transport.close()
 
+    def _when_closed(self) -> asyncio.Future[None]:
+        """Done once the connection is closed; made on demand (only `Upstream.aclose` waits)."""
+        if self._closed is None:
+            self._closed = self._loop.create_future()
+            if self._lost:
+                self._closed.set_result(None)
+        return self._closed
+
 
 class Upstream:
     """A keep-alive HTTP/1.1 client for one origin (`url`), used by many concurrent requests."""
@@ -688,6 +702,7 @@ class Upstream:
         connection lost may have reached the server.
         """
         head = self._encode_head(method, target, headers, body, content_length)
+        del headers  # in `head` now: a long-poll, held for minutes, keeps one copy, not two
         if isinstance(body, bytes) and len(body) <= _COALESCE_BODY:
             head += body
             body = None
@@ -862,7 +877,7 @@ class Upstream:
         for conn in list(self._conns):
             if conn._resp is not None:
                 conn._transport.abort()
-        pending = [conn._closed for conn in self._conns]
+        pending = [conn._when_closed() for conn in self._conns]
         if pending:
             # TLS close waits for the server's close_notify; do not let a silent server hold us.
             _, late = await asyncio.wait(pending, timeout=1.0)

@@ -6,6 +6,8 @@ the wait. Real processes (tests/harness.py); guests are loopback source addresse
 from __future__ import annotations
 
 import asyncio
+import functools
+import io
 import json
 import os
 import socket
@@ -18,11 +20,19 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from controlplane.metadata import etag_of
 from controlplane.tokens import Secrets, mint
 from controlplane.vms import WATCH_INTERVAL, VmDirectory
-from tests.harness import ControlPlane, Proxy, running
+from metadata_proxy.app import ProxyApp
+from metadata_proxy.config import ListenAddress, parse_config
+from metadata_proxy.forward import build_client
+from metadata_proxy.logs import AccessLog
+from metadata_proxy.protocol import GuestProtocol, GuestSide
+from metadata_proxy.registry import Registry
+from metadata_proxy.server import _uvicorn_config, bind_listen
+from tests.harness import ControlPlane, Proxy, free_port, run, running
 
 META = {"Metadata": "true"}
 METADATA = "/runtime/metadata/"
@@ -228,6 +238,76 @@ def test_a_guest_that_hangs_up_frees_its_slot_at_once(proxy: Proxy, lp_cp: Contr
             wait_until(lambda n=n: lp_cp.requests_seen(METADATA) >= seen + n + 1)  # type: ignore[misc]
     with proxy.guest(address) as guest:
         wait_until(lambda: guest.get("/runtime/whoami", headers=META).status_code == 200, timeout=10)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_a_hang_up_ends_the_held_request_and_closes_its_upstream_connection(
+    lp_cp: ControlPlane, vm_file: VmFile, tmp_path: Path
+) -> None:
+    """The real server in this process, so that its upstream pool can be looked at: a guest
+    that hangs up on a held long-poll ends it (logged 499) and its upstream connection is
+    closed, not kept open to the route's timeout nor pooled with an answer still to come."""
+    port, address = free_port(), f"127.0.0.{next(_addresses)}"
+    vm_file.set("vm-gone", {"v": 1})
+    registry = tmp_path / "registry.sqlite3"
+    config = parse_config(
+        {
+            "host_id": "host-hang-up",
+            "listen": [f"127.0.0.1:{port}"],
+            "registry": str(registry),
+            "control_plane": {"url": lp_cp.url, "timeout": 5, "retry_budget": 0.5},
+            "routes": [{"prefix": "/runtime/"}, {"prefix": METADATA, "timeout": 40}],
+        }
+    )
+    token = mint("vm-gone", Secrets.from_specs([str(lp_cp.secret_file)]))
+    run(
+        "hostagent",
+        "--registry",
+        str(registry),
+        "vm",
+        "add",
+        "gone",
+        "--address",
+        address,
+        "--token-file",
+        "-",
+        input=token,
+    )
+    client, log = build_client(config.control_plane), io.StringIO()
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(log))
+    server = uvicorn.Server(_uvicorn_config(app, functools.partial(GuestProtocol, GuestSide(app))))
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
+    await server.startup(sockets=[bind_listen(ListenAddress("127.0.0.1", port))])
+    try:
+        seen = lp_cp.requests_seen(METADATA)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+        target = f"{METADATA}?wait_for_change=true&last_etag={etag_of({'v': 1}).strip(chr(34))}&timeout_sec=30"
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nMetadata: true\r\n\r\n".encode())
+        for _ in range(500):
+            if lp_cp.requests_seen(METADATA) > seen:
+                break
+            await asyncio.sleep(0.02)
+        assert (app.in_flight, client.connections_open, client.connections_idle) == (1, 1, 0)  # held
+        writer.close()
+        for _ in range(500):
+            if app.in_flight == 0 and client.connections_open == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (app.in_flight, client.connections_open) == (0, 0)
+        app.access_log.flush()
+        (line,) = [json.loads(line) for line in log.getvalue().splitlines()]
+        assert (line["vm"], line["status"], line["upstream_status"]) == ("gone", 499, None)
+        assert await reader.read() == b""  # nothing was answered
+    finally:
+        server.should_exit = True
+        await server.shutdown()
+        await client.aclose()
 
 
 # -- the --vms file's change notification, in-process ------------------------------------------

@@ -13,6 +13,7 @@ import functools
 import inspect
 import io
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -140,6 +141,18 @@ def test_the_idle_keep_alive_has_one_owner(tmp_path: Path) -> None:
     assert transport.closed and transport.written.count(b"HTTP/1.1 ") == 2  # closed, nothing more said
     protocol.connection_lost(None)
     assert not side.open_by_peer
+
+
+def test_the_guest_protocol_keeps_its_own_state_in_slots() -> None:
+    """Every attribute GuestProtocol sets on a connection that uvicorn's protocol does not is
+    one of its __slots__: on top of uvicorn's, they would give every connection a dict of its
+    own (bench/held_memory.py measures what that costs a held long-poll)."""
+
+    def assigned(cls: type) -> set[str]:
+        return set(re.findall(r"self\.(\w+)(?:: [^=\n]+)? = ", inspect.getsource(cls)))
+
+    ours = assigned(GuestProtocol) - assigned(httptools_impl.HttpToolsProtocol)
+    assert ours and ours <= set(GuestProtocol.__slots__), sorted(ours - set(GuestProtocol.__slots__))
 
 
 def test_httptools_calls_the_callbacks_by_these_names() -> None:
