@@ -78,6 +78,7 @@ INVALID_TTL = Refusal(
 BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
 # Answered by the guest protocol (protocol.GuestProtocol) before the app sees a request.
 MALFORMED = Refusal(400, "bad_request", "The request is not valid HTTP/1.1.")
+CHUNK_FRAMING = Refusal(400, "bad_request", "The request's chunked framing is out of proportion to its body.")
 REQUEST_TIMEOUT = Refusal(408, "request_timeout", "The request did not arrive in time.")
 TOO_MANY_CONNECTIONS = Refusal(
     429, "rate_limited", "Too many open connections from this VM; retry later.", ((b"retry-after", b"1"),)
@@ -88,6 +89,12 @@ UNDERSCORE_HEADER = Refusal(400, "bad_request", "Header names containing '_' are
 # Answered for a request that asks to switch protocols (Connection: upgrade with Upgrade, or
 # CONNECT): the parser hands everything after its head to the other protocol, so the
 # connection's framing ends there (protocol.GuestProtocol).
+# A GET or HEAD body is never forwarded, so it is never counted against max_body_bytes as
+# it is read: a declared one is refused by its length (413), a chunked one, of no known
+# length, here (else it is read and dropped for as long as the call takes: minutes, on a
+# long-poll route).
+BODILESS_METHODS = frozenset({"GET", "HEAD"})
+CHUNKED_WITHOUT_BODY = Refusal(400, "bad_request", "A GET or HEAD request cannot carry a chunked body.")
 UPGRADE = Refusal(400, "bad_request", "Protocol upgrades and CONNECT are not supported.")
 # The scope key under which GuestProtocol hands the app a Refusal for the request as a whole.
 REFUSAL_KEY = "metadata_proxy.refusal"
@@ -160,8 +167,9 @@ def _canonical_host(text: str) -> str | None:
 # -- 3 and 4. Headers -----------------------------------------------------------------------
 
 
-def check_headers(headers: Headers) -> Refusal | None:
-    """Forwarded-request signature, names with '_', total header size and request framing."""
+def check_headers(headers: Headers, method: str = "") -> Refusal | None:
+    """Forwarded-request signature, names with '_', total header size and request framing
+    (of a request with `method`)."""
     size = 0
     lengths = 0
     chunked = False
@@ -179,6 +187,8 @@ def check_headers(headers: Headers) -> Refusal | None:
         return HEADERS_TOO_LARGE
     if lengths > 1 or (lengths and chunked):
         return BAD_FRAMING  # a request-smuggling shape; the server's parser may not catch all of them
+    if chunked and method in BODILESS_METHODS:
+        return CHUNKED_WITHOUT_BODY
     return None
 
 

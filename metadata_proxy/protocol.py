@@ -63,6 +63,12 @@ BODY_TIMEOUT = 60.0
 # A trailer section (the fields after a chunked body's last chunk) is bounded like a head:
 # past this many bytes, 431 (or a close when the answer has begun). Its fields are dropped.
 MAX_TRAILER_BYTES = 32 * 1024
+# A chunked body's framing (chunk-size lines with their extensions, CRLFs, the trailer): at
+# most as many bytes as the body's data, plus this many. llhttp hands chunk extensions to no
+# callback and buffers none of them, so a chunk-size line without end (`1;aaaa...`), or one
+# byte of data per long line, was read at wire speed with no body limit ever reached (Node's
+# CVE-2024-22019). Clients chunk at kilobytes; one byte per chunk costs 5 bytes of framing.
+MAX_CHUNK_FRAMING = 64 * 1024
 # The rest of a body that the answer did not wait for (a refusal, a GET with a body) is read
 # and dropped: at most this many bytes for at most this long, then the connection closes.
 # If it ends within both, the connection is kept for the next request.
@@ -266,6 +272,10 @@ class GuestProtocol(HttpToolsProtocol):
         self._after_chunk_header = False  # trailer bytes are counted from a chunk header with no data
         self._body_seen = False  # a byte of the body being read arrived
         self._trailer_bytes = 0
+        # The body being read: its data (on_body) and, of the reads wholly inside it, the
+        # bytes that were not data (chunk framing, see MAX_CHUNK_FRAMING).
+        self._body_bytes = 0
+        self._framing = 0
         # uvicorn's self.transport from here on.
         self._writes = CoalescingTransport(transport, self.loop, self._closing)  # type: ignore[arg-type]
         super().connection_made(self._writes)
@@ -290,6 +300,8 @@ class GuestProtocol(HttpToolsProtocol):
             return  # read and dropped until the answers queued before are out and it closes
         self.owners.input_arrived()
         begun = self._requests
+        before = self._reading
+        body_before = self._body_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -313,6 +325,11 @@ class GuestProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.refuse(guards.HEADERS_TOO_LARGE)
         elif reading == _BODY:
+            if before == _BODY and begun == self._requests:  # a read wholly inside this body
+                self._framing += len(data) - (self._body_bytes - body_before)
+                if self._framing > MAX_CHUNK_FRAMING + self._body_bytes:
+                    self.refuse(guards.CHUNK_FRAMING)
+                    return
             if self._after_chunk_header:
                 self._trailer_bytes += len(data)  # no chunk data since the last chunk header
                 if self._trailer_bytes > MAX_TRAILER_BYTES:
@@ -359,6 +376,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._body_seen = False
         self._after_chunk_header = False
         self._trailer_bytes = 0
+        self._body_bytes = self._framing = 0
         self._drain_began = None
         self._drained = 0
         upgrade = self.parser.should_upgrade()
@@ -378,6 +396,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._after_chunk_header = False
         self._trailer_bytes = 0
         self._body_seen = True
+        self._body_bytes += len(body)
         HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:

@@ -7,9 +7,12 @@ control plane, and that the VM is served after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
+import socket
+import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,19 @@ from metadata_proxy.protocol import Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config
 from tests.harness import ControlPlane, Proxy, run, running
-from tests.test_hostile import ClockLoop, Fleet, RecordingSocket, exchange, local_app, refused, request
+from tests.test_hostile import (
+    Answer,
+    ClockLoop,
+    Conn,
+    Fleet,
+    RecordingSocket,
+    exchange,
+    local_app,
+    quietly,
+    refused,
+    request,
+    serves,
+)
 
 ROUTES = """
 [limits]
@@ -44,6 +59,10 @@ privileged_port = true
 [[routes]]
 prefix = "/runtime/echo/session/"
 guard = "session"
+
+[[routes]]
+prefix = "/runtime/slow/"
+timeout = 20
 """
 
 
@@ -126,6 +145,105 @@ def test_client_address_headers_never_reach_the_control_plane(fleet: Fleet) -> N
     sent = answer.json()["headers"]
     assert [name for name, value in sent if value == "10.9.9.9"] == []
     assert [value for name, value in sent if name == "x-forwarded-for"] == [vm.address]
+
+
+# -- bytes read for a request's body: bounded however it is framed ---------------------------
+
+# What a guest may send of each flood below; the proxy must have stopped reading long before.
+FLOOD_BYTES = 32 * 1024 * 1024
+# The proxy stops reading a body once it is refused, after at most its lingering close
+# (protocol.DRAIN_BYTES); what the kernel's buffers took meanwhile comes on top.
+READ_BOUND = 8 * 1024 * 1024
+
+
+def flood(fleet: Fleet, source: str, head: bytes, piece: bytes) -> tuple[Answer, int]:
+    """Send `head`, then `piece` over and over (FLOOD_BYTES at most) while reading the answer:
+    the answer and how many bytes were sent before the proxy closed (or the flood ended)."""
+    sent = [0]
+    with Conn(fleet, source, timeout=20) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.send(head)
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < FLOOD_BYTES:
+                    conn.sock.sendall(piece)
+                    sent[0] += len(piece)
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            answer = conn.answer()
+            assert conn.closed(within=10)
+        finally:
+            with contextlib.suppress(OSError):  # reset already, or not: the pump stops either way
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+    return answer, sent[0]
+
+
+def test_chunk_extensions_without_end_are_not_read_without_end(fleet: Fleet, cp: ControlPlane) -> None:
+    """A chunk-size line that never ends: `1;aaaa...`. llhttp hands chunk extensions to no
+    callback and buffers none of them, so nothing counted them: the proxy read and parsed
+    them at wire speed (GBs on loopback, a core busy) until the app's body idle timeout
+    (10 s), the body limit (64 KiB here) never reached: no byte of body data ever came.
+    (Node's CVE-2024-22019.) Now framing out of proportion to the body is refused."""
+    vm = fleet.vms[3]
+    head = request(fleet, "/runtime/echo", [("Transfer-Encoding", "chunked")], method="POST") + b"1;"
+
+    def once() -> None:
+        answer, sent = flood(fleet, vm.address, head, b"a" * 65536)
+        assert (answer.status, answer.code) == (400, "bad_request"), answer
+        assert sent < READ_BOUND, sent
+
+    quietly(cp, once)
+    serves(fleet, vm)
+
+
+def test_many_tiny_chunks_are_not_read_without_end(fleet: Fleet, cp: ControlPlane) -> None:
+    """The same with every chunk carrying one byte of data and a long extension: the body
+    limit counts one byte per chunk, the wire carries 64 KiB."""
+    vm = fleet.vms[3]
+    head = request(fleet, "/runtime/echo", [("Transfer-Encoding", "chunked")], method="POST")
+
+    def once() -> None:
+        answer, sent = flood(fleet, vm.address, head, b"1;" + b"e" * 65530 + b"\r\nx\r\n")
+        assert (answer.status, answer.code) == (400, "bad_request"), answer
+        assert sent < READ_BOUND, sent
+
+    quietly(cp, once)
+    serves(fleet, vm)
+
+
+@pytest.mark.parametrize("target", ["/runtime/slow/x?seconds=5", "/runtime/slow?seconds=5"])
+def test_a_chunked_body_on_a_get_is_not_read_without_end(fleet: Fleet, cp: ControlPlane, target: str) -> None:
+    """A GET's body is never forwarded, so nothing counted it against max_body_bytes: a
+    declared one is refused by its Content-Length (413), but a chunked one was read and
+    dropped for as long as the call took (on a long-poll route the wait for the guest's
+    disconnect reads it: minutes of wire-speed reading, a core busy). A GET or HEAD with a
+    chunked body is refused, before anything is forwarded."""
+    vm = fleet.vms[4]
+    head = request(fleet, target, [("Transfer-Encoding", "chunked")])
+    piece = b"%x\r\n%b\r\n" % (65536, b"b" * 65536)
+
+    def once() -> None:
+        answer, sent = flood(fleet, vm.address, head, piece)
+        assert (answer.status, answer.code) == (400, "bad_request"), answer
+        assert sent < READ_BOUND, sent
+
+    quietly(cp, once)
+    data = request(fleet, target, [("Transfer-Encoding", "chunked")]) + b"0\r\n\r\n"  # even an empty one
+    refused(fleet, cp, vm, data, 400, "bad_request")
+
+
+def test_chunked_bodies_in_proportion_are_forwarded(fleet: Fleet) -> None:
+    """Small chunks with extensions, as streaming clients send them, within the proportion."""
+    vm = fleet.vms[4]
+    body = b"".join(b"%x;name=value\r\n%b\r\n" % (16, b"%016d" % i) for i in range(2000)) + b"0\r\n\r\n"
+    head = request(fleet, "/runtime/echo", [("Transfer-Encoding", "chunked")], method="POST")
+    answer = exchange(fleet, vm.address, head + body)
+    assert answer.status == 200, answer
+    assert (answer.json()["body_length"], answer.json()["vm_id"]) == (32000, vm.vm_id)
 
 
 # -- coalescing: an answer fetched for one VM is never shared with another -------------------

@@ -124,6 +124,12 @@ def test_headers_checks() -> None:
     both = [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
     assert guards.check_headers(both) is guards.BAD_FRAMING
     assert guards.check_headers([(b"content-length", b"5"), (b"content-length", b"6")]) is guards.BAD_FRAMING
+    chunked = [(b"transfer-encoding", b"chunked")]
+    for method in ("GET", "HEAD"):  # a body never forwarded nor counted: refused when its length is unknown
+        assert guards.check_headers(chunked, method) is guards.CHUNKED_WITHOUT_BODY
+        assert guards.check_headers([(b"content-length", b"5")], method) is None  # counted by its length
+    for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        assert guards.check_headers(chunked, method) is None
 
 
 def test_metadata_header() -> None:
