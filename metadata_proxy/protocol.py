@@ -297,7 +297,12 @@ class GuestProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
-            return  # read and dropped until the answers queued before are out and it closes
+            # Nothing more is parsed, so nothing more is read either: each answer queued before
+            # resumes reading for the next (uvicorn's flow control), and a guest would have the
+            # proxy read and drop at wire speed for as long as they take (a long-poll: minutes).
+            # One read per resume at most; the close comes after the last answer.
+            self.flow.pause_reading()
+            return
         self.owners.input_arrived()
         begun = self._requests
         before = self._reading

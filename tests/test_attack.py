@@ -246,6 +246,50 @@ def test_chunked_bodies_in_proportion_are_forwarded(fleet: Fleet) -> None:
     assert (answer.json()["body_length"], answer.json()["vm_id"]) == (32000, vm.vm_id)
 
 
+@pytest.mark.parametrize("stop", ["upgrade", "pipelined"])
+def test_nothing_more_is_read_once_parsing_stops(fleet: Fleet, stop: str) -> None:
+    """After an Upgrade head, or MAX_PIPELINED requests queued, the protocol parses nothing
+    more: the requests read before are answered, then the connection closes. But it went on
+    reading, and dropping, whatever the guest sent meanwhile: each answer resumed reading
+    for the next queued request, for as long as they took (a long-poll: minutes; here GBs
+    read in 3 s). Now it reads no more once stopped."""
+    vm = fleet.vms[5]
+    held = request(fleet, "/runtime/slow/x?seconds=3")  # a long-poll route: held at the control plane
+    if stop == "upgrade":
+        last = [request(fleet, "/runtime/echo", [("Connection", "Upgrade"), ("Upgrade", "websocket")])]
+    else:
+        last = [request(fleet, "/metadata/v1/instance")] * 20
+    answers: list[Answer] = []
+    sent = [0]
+    with Conn(fleet, vm.address, timeout=20) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.send(request(fleet, "/runtime/whoami") + held + b"".join(last))
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < FLOOD_BYTES:
+                    conn.sock.sendall(b"z" * 65536)
+                    sent[0] += 65536
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    answers.append(conn.answer())
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+    statuses = [(a.status, a.code) for a in answers]
+    assert statuses[:2] == [(200, None), (200, None)], statuses
+    assert answers[1].json() == {"slept": 3.0}
+    assert statuses[-1] == ((400, "bad_request") if stop == "upgrade" else (200, None)), statuses
+    assert answers[-1].header("connection") == "close"
+    assert sent[0] < READ_BOUND, sent[0]
+    serves(fleet, vm)
+
+
 # -- coalescing: an answer fetched for one VM is never shared with another -------------------
 
 
