@@ -536,6 +536,12 @@ class GuestProtocol(HttpToolsProtocol):
             self._close_after_body = True
             self.owner.connection_ended()
             return True  # on_response_complete starts the drain
+        self._begin_close()
+        return False
+
+    def _begin_close(self) -> None:
+        """The close has begun (ours, or the transport's own after the guest's EOF): it
+        completes once the write buffer drains, within CLOSE_SECONDS, else an abort."""
         self._stopped = True
         self.owner.connection_ended()
         # Nothing more is read: a read deadline left behind would have the timer fire for it,
@@ -544,7 +550,15 @@ class GuestProtocol(HttpToolsProtocol):
         self._read_deadline = None
         self._closing_at = self.loop.time() + CLOSE_SECONDS
         self._arm()
-        return False
+
+    def eof_received(self) -> None:
+        """The guest half-closed its side. As uvicorn's, this returns None: the transport
+        closes itself, once what it holds for the guest is written, which a guest that does
+        not read never lets happen; that close never passes through CoalescingTransport.close,
+        so its deadline is set here."""
+        super().eof_received()
+        if not self._writes.is_closing():
+            self._begin_close()
 
     def _deadline_passed(self) -> None:
         now = self.loop.time()
@@ -557,9 +571,17 @@ class GuestProtocol(HttpToolsProtocol):
             transport.abort()
             return
         when = self._read_deadline
-        # Closing: _closing dropped the read deadline and set the close's own.
-        if when is None or now < when or transport.is_closing():
+        if when is None or now < when:
             self._arm()
+            return
+        if transport.is_closing():
+            # Closing, its read deadline not dropped (_begin_close not run: a path by which
+            # the transport closed without us knowing): never re-armed for a passed instant
+            # (a busy loop); the close gets its own deadline.
+            if self._closing_at is None:
+                self._begin_close()
+            else:
+                self._set_deadline(None)
             return
         cycle = self.cycle
         reading = self._reading

@@ -31,6 +31,7 @@ from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config
 from tests.harness import ControlPlane, Proxy, run, running
 from tests.test_hostile import (
+    INSTANCE,
     Answer,
     ClockLoop,
     Conn,
@@ -421,6 +422,58 @@ def test_a_closing_connection_does_not_spin_on_a_passed_read_deadline(tmp_path: 
     pending = [t.when for t in loop.timers if not t.cancelled]
     assert pending and min(pending) > 5.0  # the close's own deadline, not the passed one
     loop.advance(2.0)  # the close did not complete within CLOSE_SECONDS: aborted, the timer gone
+    assert not [t for t in loop.timers if not t.cancelled and t.when <= loop.now]
+    protocol.connection_lost(None)
+    assert not side.open_by_peer
+
+
+class HalfClosedSocket(RecordingSocket):
+    """A guest that half-closed (EOF) and reads nothing: asyncio's transport closes itself
+    when the protocol's eof_received() returns a false value, and the close completes only
+    once its write buffer drains, which a guest that does not read never lets happen."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer)
+        self.aborted = False
+
+    def abort(self) -> None:
+        super().abort()
+        self.aborted = True
+
+
+def test_a_half_closed_guest_that_does_not_read_is_cut_off_without_a_busy_loop(tmp_path: Path) -> None:
+    """A guest sends a request, half-closes its side (EOF) and never reads the answer, which
+    sits in the transport's buffer: the transport closes itself (eof_received returns None,
+    as uvicorn's), but not through CoalescingTransport.close, so GuestProtocol never learnt:
+    the idle keep-alive deadline passed, found the transport closing and re-armed for the
+    same past instant, on every pass of the event loop: the whole proxy at 100% CPU, and the
+    connection held, for as long as the guest wished (seen on a real server: the keep-alive's
+    5 s, then a core busy until the guest went away). Now the EOF begins the close, with the
+    close's own deadline (CLOSE_SECONDS), and no read deadline stays behind it."""
+    app = local_app(tmp_path, "127.0.0.152")
+    side = GuestSide(app, Deadlines(header_timeout=5.0, keep_alive_seconds=5.0))
+    config = _uvicorn_config(app, functools.partial(GuestProtocol, side))
+    config.load()
+    loop = ClockLoop()
+    transport = HalfClosedSocket("127.0.0.152")
+    protocol = GuestProtocol(side, config, uvicorn.server.ServerState(), {}, _loop=loop)  # type: ignore[arg-type]
+    protocol.connection_made(transport)
+    protocol.data_received(INSTANCE)
+    loop.advance(0)  # answered; the answer leaves (into the buffer the guest never drains)
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+    loop.advance(1.0)
+    protocol.eof_received()  # None: the transport closes itself; its buffer never drains
+    transport.closed = True
+
+    firings = 0
+    loop.now = 6.0  # past the keep-alive deadline (5 s after the answer)
+    while due := sorted((t for t in loop.timers if t.when <= loop.now and not t.cancelled), key=lambda t: t.when):
+        loop.timers.remove(due[0])
+        due[0].callback(*due[0].args)
+        firings += 1
+        assert firings < 1000, "the deadline timer keeps firing at the same instant"
+    loop.advance(2.0)  # the close did not complete within CLOSE_SECONDS of the EOF: aborted
+    assert transport.aborted
     assert not [t for t in loop.timers if not t.cancelled and t.when <= loop.now]
     protocol.connection_lost(None)
     assert not side.open_by_peer
