@@ -241,22 +241,27 @@ def _climbs(text: str) -> bool:
     return any(segment.split(";", 1)[0] in (".", "..") for segment in text.split("/"))
 
 
-def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
-    """The configured route with the longest prefix of `raw_path`.
+def match_route(raw_path: bytes, routes: Sequence[Route], *, fold: bool = False) -> Route | None:
+    """The configured route with the longest prefix of `raw_path` (`fold`: compared in lower case).
 
     Two rules keep a narrower route's guards from being bypassed through a wider one
     (``/runtime/identity/`` with ``privileged_port`` inside ``/runtime/``): a narrower
     route's own name, its prefix without the trailing slash (``/runtime/identity``), is that
     route's and not the wider one's; and a path that falls under one route as sent and under
-    another once percent-decoded, or without its path parameters and empty segments, as the
-    control plane may read it (``/runtime/%69dentity``, ``/runtime//identity/``,
-    ``/runtime/identity;x``), is under none (404).
+    another once percent-decoded, or without its path parameters and empty segments, or in
+    another case, as the control plane may read it (``/runtime/%69dentity``,
+    ``/runtime//identity/``, ``/runtime/identity;x``, ``/runtime/IDENTITY/``), is under none (404).
     """
     best: Route | None = None
     size = 0
     named: Route | None = None  # the route whose prefix is `raw_path` plus "/"
+    mixed_case = False  # a prefix with upper-case letters: a lower-case path may fold into it
     for route in routes:
         prefix = route.prefix.encode()
+        if fold:
+            prefix = prefix.lower()
+        elif not mixed_case and prefix.lower() != prefix:
+            mixed_case = True
         if raw_path.startswith(prefix):
             if len(prefix) > size:
                 best, size = route, len(prefix)
@@ -270,12 +275,18 @@ def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
     # else under none (`/runtime//identity/`, `/runtime/identity;x` are the identity route's).
     if _SEMICOLON in raw_path or raw_path.find(b"//") >= 0:
         read = _EMPTY_SEGMENTS.sub(b"/", _PATH_PARAMETERS.sub(b"", raw_path))
-        if match_route(read, routes) is not best:
+        if match_route(read, routes, fold=fold) is not best:
             return None
     if _PERCENT in raw_path:
         # Each round of decoding must stay under the same route (check_path bounds the rounds).
         decoded = unquote_to_bytes(raw_path)
-        if decoded != raw_path and match_route(decoded, routes) is not best:
+        if decoded != raw_path and match_route(decoded, routes, fold=fold) is not best:
+            return None
+    if not fold and len(routes) > 1:
+        # As a case-insensitive router reads it (Express's and ASP.NET Core's default): the
+        # same route, else under none (`/runtime/IDENTITY/x` is the identity route's there).
+        lowered = raw_path.lower()
+        if (mixed_case or lowered != raw_path) and match_route(lowered, routes, fold=True) is not best:
             return None
     return best
 

@@ -113,6 +113,14 @@ def test_route_match_is_longest_prefix() -> None:
     assert guards.match_route(b"/runtime/x", routes) == routes[0]
     assert guards.match_route(b"/runtime", routes) is None
     assert guards.match_route(b"/other/", routes) is None
+    # As a case-insensitive control plane reads it: under another route, so under none.
+    assert guards.match_route(b"/runtime/PUBLIC/x", routes) is None
+    assert guards.match_route(b"/runtime/Public", routes) is None
+    assert guards.match_route(b"/runtime/Other/x", routes) == routes[0]  # the same route either way
+    mixed = [Route("/runtime/"), Route("/runtime/Secret/", privileged_port=True)]
+    assert guards.match_route(b"/runtime/secret/x", mixed) is None  # a lower-case path folds into the prefix
+    assert guards.match_route(b"/runtime/Secret/x", mixed) == mixed[1]
+    assert guards.match_route(b"/runtime/SECRET/x", mixed) is None
 
 
 def test_headers_checks() -> None:
