@@ -255,13 +255,15 @@ def match_route(raw_path: bytes, routes: Sequence[Route], *, fold: bool = False)
     best: Route | None = None
     size = 0
     named: Route | None = None  # the route whose prefix is `raw_path` plus "/"
+    # Another route a path could fold into (below): with one route, none.
+    several = not fold and len(routes) > 1
     mixed_case = False  # a prefix with upper-case letters: a lower-case path may fold into it
     for route in routes:
         prefix = route.prefix.encode()
         if fold:
             prefix = prefix.lower()
-        elif not mixed_case and prefix.lower() != prefix:
-            mixed_case = True
+        elif several and not mixed_case and not prefix.islower():
+            mixed_case = prefix.lower() != prefix  # islower() is False too for a prefix with no letters
         if raw_path.startswith(prefix):
             if len(prefix) > size:
                 best, size = route, len(prefix)
@@ -282,7 +284,7 @@ def match_route(raw_path: bytes, routes: Sequence[Route], *, fold: bool = False)
         decoded = unquote_to_bytes(raw_path)
         if decoded != raw_path and match_route(decoded, routes, fold=fold) is not best:
             return None
-    if not fold and len(routes) > 1:
+    if several:
         # As a case-insensitive router reads it (Express's and ASP.NET Core's default): the
         # same route, else under none (`/runtime/IDENTITY/x` is the identity route's there).
         lowered = raw_path.lower()
