@@ -205,7 +205,7 @@ class ProxyApp:
         # this (SSRF); 4. bounded headers, sane framing, a clean path under a known prefix.
         refusal = (
             guards.check_host(guards.single_header(headers, b"host"), self.hosts)
-            or guards.check_headers(headers)
+            or guards.check_headers(headers, ex.scope["method"])
             or guards.check_path(raw_path)
         )
         if refusal:

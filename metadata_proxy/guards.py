@@ -78,6 +78,7 @@ INVALID_TTL = Refusal(
 BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than this service accepts.")
 # Answered by the guest protocol (protocol.GuestProtocol) before the app sees a request.
 MALFORMED = Refusal(400, "bad_request", "The request is not valid HTTP/1.1.")
+CHUNK_FRAMING = Refusal(400, "bad_request", "The request's chunked framing is out of proportion to its body.")
 REQUEST_TIMEOUT = Refusal(408, "request_timeout", "The request did not arrive in time.")
 TOO_MANY_CONNECTIONS = Refusal(
     429, "rate_limited", "Too many open connections from this VM; retry later.", ((b"retry-after", b"1"),)
@@ -88,6 +89,12 @@ UNDERSCORE_HEADER = Refusal(400, "bad_request", "Header names containing '_' are
 # Answered for a request that asks to switch protocols (Connection: upgrade with Upgrade, or
 # CONNECT): the parser hands everything after its head to the other protocol, so the
 # connection's framing ends there (protocol.GuestProtocol).
+# A GET or HEAD body is never forwarded, so it is never counted against max_body_bytes as
+# it is read: a declared one is refused by its length (413), a chunked one, of no known
+# length, here (else it is read and dropped for as long as the call takes: minutes, on a
+# long-poll route).
+BODILESS_METHODS = frozenset({"GET", "HEAD"})
+CHUNKED_WITHOUT_BODY = Refusal(400, "bad_request", "A GET or HEAD request cannot carry a chunked body.")
 UPGRADE = Refusal(400, "bad_request", "Protocol upgrades and CONNECT are not supported.")
 # The scope key under which GuestProtocol hands the app a Refusal for the request as a whole.
 REFUSAL_KEY = "metadata_proxy.refusal"
@@ -160,8 +167,9 @@ def _canonical_host(text: str) -> str | None:
 # -- 3 and 4. Headers -----------------------------------------------------------------------
 
 
-def check_headers(headers: Headers) -> Refusal | None:
-    """Forwarded-request signature, names with '_', total header size and request framing."""
+def check_headers(headers: Headers, method: str = "") -> Refusal | None:
+    """Forwarded-request signature, names with '_', total header size and request framing
+    (of a request with `method`)."""
     size = 0
     lengths = 0
     chunked = False
@@ -179,6 +187,8 @@ def check_headers(headers: Headers) -> Refusal | None:
         return HEADERS_TOO_LARGE
     if lengths > 1 or (lengths and chunked):
         return BAD_FRAMING  # a request-smuggling shape; the server's parser may not catch all of them
+    if chunked and method in BODILESS_METHODS:
+        return CHUNKED_WITHOUT_BODY
     return None
 
 
@@ -231,22 +241,29 @@ def _climbs(text: str) -> bool:
     return any(segment.split(";", 1)[0] in (".", "..") for segment in text.split("/"))
 
 
-def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
-    """The configured route with the longest prefix of `raw_path`.
+def match_route(raw_path: bytes, routes: Sequence[Route], *, fold: bool = False) -> Route | None:
+    """The configured route with the longest prefix of `raw_path` (`fold`: compared in lower case).
 
     Two rules keep a narrower route's guards from being bypassed through a wider one
     (``/runtime/identity/`` with ``privileged_port`` inside ``/runtime/``): a narrower
     route's own name, its prefix without the trailing slash (``/runtime/identity``), is that
     route's and not the wider one's; and a path that falls under one route as sent and under
-    another once percent-decoded, or without its path parameters and empty segments, as the
-    control plane may read it (``/runtime/%69dentity``, ``/runtime//identity/``,
-    ``/runtime/identity;x``), is under none (404).
+    another once percent-decoded, or without its path parameters and empty segments, or in
+    another case, as the control plane may read it (``/runtime/%69dentity``,
+    ``/runtime//identity/``, ``/runtime/identity;x``, ``/runtime/IDENTITY/``), is under none (404).
     """
     best: Route | None = None
     size = 0
     named: Route | None = None  # the route whose prefix is `raw_path` plus "/"
+    # Another route a path could fold into (below): with one route, none.
+    several = not fold and len(routes) > 1
+    mixed_case = False  # a prefix with upper-case letters: a lower-case path may fold into it
     for route in routes:
         prefix = route.prefix.encode()
+        if fold:
+            prefix = prefix.lower()
+        elif several and not mixed_case and not prefix.islower():
+            mixed_case = prefix.lower() != prefix  # islower() is False too for a prefix with no letters
         if raw_path.startswith(prefix):
             if len(prefix) > size:
                 best, size = route, len(prefix)
@@ -260,12 +277,18 @@ def match_route(raw_path: bytes, routes: Sequence[Route]) -> Route | None:
     # else under none (`/runtime//identity/`, `/runtime/identity;x` are the identity route's).
     if _SEMICOLON in raw_path or raw_path.find(b"//") >= 0:
         read = _EMPTY_SEGMENTS.sub(b"/", _PATH_PARAMETERS.sub(b"", raw_path))
-        if match_route(read, routes) is not best:
+        if match_route(read, routes, fold=fold) is not best:
             return None
     if _PERCENT in raw_path:
         # Each round of decoding must stay under the same route (check_path bounds the rounds).
         decoded = unquote_to_bytes(raw_path)
-        if decoded != raw_path and match_route(decoded, routes) is not best:
+        if decoded != raw_path and match_route(decoded, routes, fold=fold) is not best:
+            return None
+    if several:
+        # As a case-insensitive router reads it (Express's and ASP.NET Core's default): the
+        # same route, else under none (`/runtime/IDENTITY/x` is the identity route's there).
+        lowered = raw_path.lower()
+        if (mixed_case or lowered != raw_path) and match_route(lowered, routes, fold=True) is not best:
             return None
     return best
 

@@ -63,6 +63,12 @@ BODY_TIMEOUT = 60.0
 # A trailer section (the fields after a chunked body's last chunk) is bounded like a head:
 # past this many bytes, 431 (or a close when the answer has begun). Its fields are dropped.
 MAX_TRAILER_BYTES = 32 * 1024
+# A chunked body's framing (chunk-size lines with their extensions, CRLFs, the trailer): at
+# most as many bytes as the body's data, plus this many. llhttp hands chunk extensions to no
+# callback and buffers none of them, so a chunk-size line without end (`1;aaaa...`), or one
+# byte of data per long line, was read at wire speed with no body limit ever reached (Node's
+# CVE-2024-22019). Clients chunk at kilobytes; one byte per chunk costs 5 bytes of framing.
+MAX_CHUNK_FRAMING = 64 * 1024
 # The rest of a body that the answer did not wait for (a refusal, a GET with a body) is read
 # and dropped: at most this many bytes for at most this long, then the connection closes.
 # If it ends within both, the connection is kept for the next request.
@@ -299,6 +305,10 @@ class GuestProtocol(HttpToolsProtocol):
         self._after_chunk_header = False  # trailer bytes are counted from a chunk header with no data
         self._body_seen = False  # a byte of the body being read arrived
         self._trailer_bytes = 0
+        # The body being read: its data (on_body) and, of the reads wholly inside it, the
+        # bytes that were not data (chunk framing, see MAX_CHUNK_FRAMING).
+        self._body_bytes = 0
+        self._framing = 0
         # uvicorn's self.transport from here on.
         self._writes = CoalescingTransport(transport, self.loop, self._closing)  # type: ignore[arg-type]
         super().connection_made(self._writes)
@@ -321,9 +331,16 @@ class GuestProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
-            return  # read and dropped until the answers queued before are out and it closes
+            # Nothing more is parsed, so nothing more is read either: each answer queued before
+            # resumes reading for the next (uvicorn's flow control), and a guest would have the
+            # proxy read and drop at wire speed for as long as they take (a long-poll: minutes).
+            # One read per resume at most; the close comes after the last answer.
+            self.flow.pause_reading()
+            return
         self.owners.input_arrived()
         begun = self._requests
+        before = self._reading
+        body_before = self._body_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -347,6 +364,11 @@ class GuestProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.refuse(guards.HEADERS_TOO_LARGE)
         elif reading == _BODY:
+            if before == _BODY and begun == self._requests:  # a read wholly inside this body
+                self._framing += len(data) - (self._body_bytes - body_before)
+                if self._framing > MAX_CHUNK_FRAMING + self._body_bytes:
+                    self.refuse(guards.CHUNK_FRAMING)
+                    return
             if self._after_chunk_header:
                 self._trailer_bytes += len(data)  # no chunk data since the last chunk header
                 if self._trailer_bytes > MAX_TRAILER_BYTES:
@@ -393,6 +415,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._body_seen = False
         self._after_chunk_header = False
         self._trailer_bytes = 0
+        self._body_bytes = self._framing = 0
         self._drain_began = None
         self._drained = 0
         upgrade = self.parser.should_upgrade()
@@ -412,6 +435,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._after_chunk_header = False
         self._trailer_bytes = 0
         self._body_seen = True
+        self._body_bytes += len(body)
         HttpToolsProtocol.on_body(self, body)
 
     def on_message_complete(self) -> None:
@@ -546,6 +570,12 @@ class GuestProtocol(HttpToolsProtocol):
             self._close_after_body = True
             self.owner.connection_ended()
             return True  # on_response_complete starts the drain
+        self._begin_close()
+        return False
+
+    def _begin_close(self) -> None:
+        """The close has begun (ours, or the transport's own after the guest's EOF): it
+        completes once the write buffer drains, within CLOSE_SECONDS, else an abort."""
         self._stopped = True
         self.owner.connection_ended()
         # Nothing more is read: a read deadline left behind would have the timer fire for it,
@@ -554,7 +584,15 @@ class GuestProtocol(HttpToolsProtocol):
         self._read_deadline = None
         self._closing_at = self.loop.time() + CLOSE_SECONDS
         self._arm()
-        return False
+
+    def eof_received(self) -> None:
+        """The guest half-closed its side. As uvicorn's, this returns None: the transport
+        closes itself, once what it holds for the guest is written, which a guest that does
+        not read never lets happen; that close never passes through CoalescingTransport.close,
+        so its deadline is set here."""
+        super().eof_received()
+        if not self._writes.is_closing():
+            self._begin_close()
 
     def _deadline_passed(self) -> None:
         now = self.loop.time()
@@ -567,9 +605,17 @@ class GuestProtocol(HttpToolsProtocol):
             transport.abort()
             return
         when = self._read_deadline
-        # Closing: _closing dropped the read deadline and set the close's own.
-        if when is None or now < when or transport.is_closing():
+        if when is None or now < when:
             self._arm()
+            return
+        if transport.is_closing():
+            # Closing, its read deadline not dropped (_begin_close not run: a path by which
+            # the transport closed without us knowing): never re-armed for a passed instant
+            # (a busy loop); the close gets its own deadline.
+            if self._closing_at is None:
+                self._begin_close()
+            else:
+                self._set_deadline(None)
             return
         cycle = self.cycle
         reading = self._reading

@@ -390,6 +390,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         resp = self._resp
         assert resp is not None
+        if resp._head_done:
+            return  # a trailer field (llhttp calls on_header for those too): never a header, dropped
         resp.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

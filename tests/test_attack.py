@@ -7,9 +7,12 @@ control plane, and that the VM is served after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import json
+import socket
+import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,20 @@ from metadata_proxy.protocol import Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config
 from tests.harness import ControlPlane, Proxy, run, running
-from tests.test_hostile import ClockLoop, Fleet, RecordingSocket, exchange, local_app, refused, request
+from tests.test_hostile import (
+    INSTANCE,
+    Answer,
+    ClockLoop,
+    Conn,
+    Fleet,
+    RecordingSocket,
+    exchange,
+    local_app,
+    quietly,
+    refused,
+    request,
+    serves,
+)
 
 ROUTES = """
 [limits]
@@ -44,6 +60,10 @@ privileged_port = true
 [[routes]]
 prefix = "/runtime/echo/session/"
 guard = "session"
+
+[[routes]]
+prefix = "/runtime/slow/"
+timeout = 20
 """
 
 
@@ -79,6 +99,13 @@ def anyio_backend() -> str:
         # The session route's token check, likewise.
         b"/runtime/echo//session/x",
         b"/runtime/echo/session;x",
+        # Another case: Express and ASP.NET Core route case-insensitively by default.
+        b"/runtime/echo/PRIV/x",
+        b"/runtime/echo/Priv/",
+        b"/runtime/Echo/priv/x",
+        b"/runtime/echo/Priv",  # the route's bare name
+        b"/runtime/echo/PRIV%3bx/y",
+        b"/runtime/echo/SESSION/x",
     ],
 )
 def test_a_narrower_routes_guard_is_not_bypassed_by_how_upstream_reads_the_path(
@@ -90,7 +117,8 @@ def test_a_narrower_routes_guard_is_not_bypassed_by_how_upstream_reads_the_path(
 
 def test_paths_with_parameters_or_empty_segments_inside_one_route_are_forwarded(fleet: Fleet) -> None:
     vm = fleet.vms[1]
-    for target in (b"/runtime/echo/a;b", b"/runtime/echo//a", b"/runtime/echo/a;b/c"):
+    inside = (b"/runtime/echo/a;b", b"/runtime/echo//a", b"/runtime/echo/a;b/c")
+    for target in (*inside, b"/runtime/echo/ABC", b"/runtime/echo/Private/x"):  # in any case, still /runtime/'s
         answer = exchange(fleet, vm.address, request(fleet, target))
         assert answer.status == 200, (target, answer)
         assert (answer.json()["raw_path"].encode(), answer.json()["vm_id"]) == (target, vm.vm_id)
@@ -126,6 +154,149 @@ def test_client_address_headers_never_reach_the_control_plane(fleet: Fleet) -> N
     sent = answer.json()["headers"]
     assert [name for name, value in sent if value == "10.9.9.9"] == []
     assert [value for name, value in sent if name == "x-forwarded-for"] == [vm.address]
+
+
+# -- bytes read for a request's body: bounded however it is framed ---------------------------
+
+# What a guest may send of each flood below; the proxy must have stopped reading long before.
+FLOOD_BYTES = 32 * 1024 * 1024
+# The proxy stops reading a body once it is refused, after at most its lingering close
+# (protocol.DRAIN_BYTES); what the kernel's buffers took meanwhile comes on top.
+READ_BOUND = 8 * 1024 * 1024
+
+
+def flood(fleet: Fleet, source: str, head: bytes, piece: bytes) -> tuple[Answer, int]:
+    """Send `head`, then `piece` over and over (FLOOD_BYTES at most) while reading the answer:
+    the answer and how many bytes were sent before the proxy closed (or the flood ended)."""
+    sent = [0]
+    with Conn(fleet, source, timeout=20) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.send(head)
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < FLOOD_BYTES:
+                    conn.sock.sendall(piece)
+                    sent[0] += len(piece)
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            answer = conn.answer()
+            assert conn.closed(within=10)
+        finally:
+            with contextlib.suppress(OSError):  # reset already, or not: the pump stops either way
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+    return answer, sent[0]
+
+
+def test_chunk_extensions_without_end_are_not_read_without_end(fleet: Fleet, cp: ControlPlane) -> None:
+    """A chunk-size line that never ends: `1;aaaa...`. llhttp hands chunk extensions to no
+    callback and buffers none of them, so nothing counted them: the proxy read and parsed
+    them at wire speed (GBs on loopback, a core busy) until the app's body idle timeout
+    (10 s), the body limit (64 KiB here) never reached: no byte of body data ever came.
+    (Node's CVE-2024-22019.) Now framing out of proportion to the body is refused."""
+    vm = fleet.vms[3]
+    head = request(fleet, "/runtime/echo", [("Transfer-Encoding", "chunked")], method="POST") + b"1;"
+
+    def once() -> None:
+        answer, sent = flood(fleet, vm.address, head, b"a" * 65536)
+        assert (answer.status, answer.code) == (400, "bad_request"), answer
+        assert sent < READ_BOUND, sent
+
+    quietly(cp, once)
+    serves(fleet, vm)
+
+
+def test_many_tiny_chunks_are_not_read_without_end(fleet: Fleet, cp: ControlPlane) -> None:
+    """The same with every chunk carrying one byte of data and a long extension: the body
+    limit counts one byte per chunk, the wire carries 64 KiB."""
+    vm = fleet.vms[3]
+    head = request(fleet, "/runtime/echo", [("Transfer-Encoding", "chunked")], method="POST")
+
+    def once() -> None:
+        answer, sent = flood(fleet, vm.address, head, b"1;" + b"e" * 65530 + b"\r\nx\r\n")
+        assert (answer.status, answer.code) == (400, "bad_request"), answer
+        assert sent < READ_BOUND, sent
+
+    quietly(cp, once)
+    serves(fleet, vm)
+
+
+@pytest.mark.parametrize("target", ["/runtime/slow/x?seconds=5", "/runtime/slow?seconds=5"])
+def test_a_chunked_body_on_a_get_is_not_read_without_end(fleet: Fleet, cp: ControlPlane, target: str) -> None:
+    """A GET's body is never forwarded, so nothing counted it against max_body_bytes: a
+    declared one is refused by its Content-Length (413), but a chunked one was read and
+    dropped for as long as the call took (on a long-poll route the wait for the guest's
+    disconnect reads it: minutes of wire-speed reading, a core busy). A GET or HEAD with a
+    chunked body is refused, before anything is forwarded."""
+    vm = fleet.vms[4]
+    head = request(fleet, target, [("Transfer-Encoding", "chunked")])
+    piece = b"%x\r\n%b\r\n" % (65536, b"b" * 65536)
+
+    def once() -> None:
+        answer, sent = flood(fleet, vm.address, head, piece)
+        assert (answer.status, answer.code) == (400, "bad_request"), answer
+        assert sent < READ_BOUND, sent
+
+    quietly(cp, once)
+    data = request(fleet, target, [("Transfer-Encoding", "chunked")]) + b"0\r\n\r\n"  # even an empty one
+    refused(fleet, cp, vm, data, 400, "bad_request")
+
+
+def test_chunked_bodies_in_proportion_are_forwarded(fleet: Fleet) -> None:
+    """Small chunks with extensions, as streaming clients send them, within the proportion."""
+    vm = fleet.vms[4]
+    body = b"".join(b"%x;name=value\r\n%b\r\n" % (16, b"%016d" % i) for i in range(2000)) + b"0\r\n\r\n"
+    head = request(fleet, "/runtime/echo", [("Transfer-Encoding", "chunked")], method="POST")
+    answer = exchange(fleet, vm.address, head + body)
+    assert answer.status == 200, answer
+    assert (answer.json()["body_length"], answer.json()["vm_id"]) == (32000, vm.vm_id)
+
+
+@pytest.mark.parametrize("stop", ["upgrade", "pipelined"])
+def test_nothing_more_is_read_once_parsing_stops(fleet: Fleet, stop: str) -> None:
+    """After an Upgrade head, or MAX_PIPELINED requests queued, the protocol parses nothing
+    more: the requests read before are answered, then the connection closes. But it went on
+    reading, and dropping, whatever the guest sent meanwhile: each answer resumed reading
+    for the next queued request, for as long as they took (a long-poll: minutes; here GBs
+    read in 3 s). Now it reads no more once stopped."""
+    vm = fleet.vms[5]
+    held = request(fleet, "/runtime/slow/x?seconds=3")  # a long-poll route: held at the control plane
+    if stop == "upgrade":
+        last = [request(fleet, "/runtime/echo", [("Connection", "Upgrade"), ("Upgrade", "websocket")])]
+    else:
+        last = [request(fleet, "/metadata/v1/instance")] * 20
+    answers: list[Answer] = []
+    sent = [0]
+    with Conn(fleet, vm.address, timeout=20) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.send(request(fleet, "/runtime/whoami") + held + b"".join(last))
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < FLOOD_BYTES:
+                    conn.sock.sendall(b"z" * 65536)
+                    sent[0] += 65536
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    answers.append(conn.answer())
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+    statuses = [(a.status, a.code) for a in answers]
+    assert statuses[:2] == [(200, None), (200, None)], statuses
+    assert answers[1].json() == {"slept": 3.0}
+    assert statuses[-1] == ((400, "bad_request") if stop == "upgrade" else (200, None)), statuses
+    assert answers[-1].header("connection") == "close"
+    assert sent[0] < READ_BOUND, sent[0]
+    serves(fleet, vm)
 
 
 # -- coalescing: an answer fetched for one VM is never shared with another -------------------
@@ -259,6 +430,58 @@ def test_a_closing_connection_does_not_spin_on_a_passed_read_deadline(tmp_path: 
     pending = [t.when for t in loop.timers if not t.cancelled]
     assert pending and min(pending) > 5.0  # the close's own deadline, not the passed one
     loop.advance(2.0)  # the close did not complete within CLOSE_SECONDS: aborted, the timer gone
+    assert not [t for t in loop.timers if not t.cancelled and t.when <= loop.now]
+    protocol.connection_lost(None)
+    assert not side.open_by_peer
+
+
+class HalfClosedSocket(RecordingSocket):
+    """A guest that half-closed (EOF) and reads nothing: asyncio's transport closes itself
+    when the protocol's eof_received() returns a false value, and the close completes only
+    once its write buffer drains, which a guest that does not read never lets happen."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(peer)
+        self.aborted = False
+
+    def abort(self) -> None:
+        super().abort()
+        self.aborted = True
+
+
+def test_a_half_closed_guest_that_does_not_read_is_cut_off_without_a_busy_loop(tmp_path: Path) -> None:
+    """A guest sends a request, half-closes its side (EOF) and never reads the answer, which
+    sits in the transport's buffer: the transport closes itself (eof_received returns None,
+    as uvicorn's), but not through CoalescingTransport.close, so GuestProtocol never learnt:
+    the idle keep-alive deadline passed, found the transport closing and re-armed for the
+    same past instant, on every pass of the event loop: the whole proxy at 100% CPU, and the
+    connection held, for as long as the guest wished (seen on a real server: the keep-alive's
+    5 s, then a core busy until the guest went away). Now the EOF begins the close, with the
+    close's own deadline (CLOSE_SECONDS), and no read deadline stays behind it."""
+    app = local_app(tmp_path, "127.0.0.152")
+    side = GuestSide(app, Deadlines(header_timeout=5.0, keep_alive_seconds=5.0))
+    config = _uvicorn_config(app, functools.partial(GuestProtocol, side))
+    config.load()
+    loop = ClockLoop()
+    transport = HalfClosedSocket("127.0.0.152")
+    protocol = GuestProtocol(side, config, uvicorn.server.ServerState(), {}, _loop=loop)  # type: ignore[arg-type]
+    protocol.connection_made(transport)
+    protocol.data_received(INSTANCE)
+    loop.advance(0)  # answered; the answer leaves (into the buffer the guest never drains)
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+    loop.advance(1.0)
+    protocol.eof_received()  # None: the transport closes itself; its buffer never drains
+    transport.closed = True
+
+    firings = 0
+    loop.now = 6.0  # past the keep-alive deadline (5 s after the answer)
+    while due := sorted((t for t in loop.timers if t.when <= loop.now and not t.cancelled), key=lambda t: t.when):
+        loop.timers.remove(due[0])
+        due[0].callback(*due[0].args)
+        firings += 1
+        assert firings < 1000, "the deadline timer keeps firing at the same instant"
+    loop.advance(2.0)  # the close did not complete within CLOSE_SECONDS of the EOF: aborted
+    assert transport.aborted
     assert not [t for t in loop.timers if not t.cancelled and t.when <= loop.now]
     protocol.connection_lost(None)
     assert not side.open_by_peer

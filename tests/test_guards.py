@@ -113,6 +113,14 @@ def test_route_match_is_longest_prefix() -> None:
     assert guards.match_route(b"/runtime/x", routes) == routes[0]
     assert guards.match_route(b"/runtime", routes) is None
     assert guards.match_route(b"/other/", routes) is None
+    # As a case-insensitive control plane reads it: under another route, so under none.
+    assert guards.match_route(b"/runtime/PUBLIC/x", routes) is None
+    assert guards.match_route(b"/runtime/Public", routes) is None
+    assert guards.match_route(b"/runtime/Other/x", routes) == routes[0]  # the same route either way
+    mixed = [Route("/runtime/"), Route("/runtime/Secret/", privileged_port=True)]
+    assert guards.match_route(b"/runtime/secret/x", mixed) is None  # a lower-case path folds into the prefix
+    assert guards.match_route(b"/runtime/Secret/x", mixed) == mixed[1]
+    assert guards.match_route(b"/runtime/SECRET/x", mixed) is None
 
 
 def test_headers_checks() -> None:
@@ -124,6 +132,12 @@ def test_headers_checks() -> None:
     both = [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")]
     assert guards.check_headers(both) is guards.BAD_FRAMING
     assert guards.check_headers([(b"content-length", b"5"), (b"content-length", b"6")]) is guards.BAD_FRAMING
+    chunked = [(b"transfer-encoding", b"chunked")]
+    for method in ("GET", "HEAD"):  # a body never forwarded nor counted: refused when its length is unknown
+        assert guards.check_headers(chunked, method) is guards.CHUNKED_WITHOUT_BODY
+        assert guards.check_headers([(b"content-length", b"5")], method) is None  # counted by its length
+    for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        assert guards.check_headers(chunked, method) is None
 
 
 def test_metadata_header() -> None:

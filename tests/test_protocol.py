@@ -41,6 +41,7 @@ OVERRIDDEN = {
     "__init__": ["self", "config", "server_state", "app_state", "_loop"],  # GuestSide bound before them
     "connection_made": ["self", "transport"],
     "connection_lost": ["self", "exc"],
+    "eof_received": ["self"],
     "on_message_begin": ["self"],
     "on_header": ["self", "name", "value"],
     "on_headers_complete": ["self"],

@@ -494,6 +494,28 @@ async def test_chunked_response_is_dechunked_and_the_connection_reused() -> None
         assert up.connections_created == 1
 
 
+async def test_trailer_fields_are_never_response_headers() -> None:
+    """llhttp calls on_header for a chunked answer's trailer fields too: they were appended to
+    the response's headers, which the proxy relays (and caches) once the whole answer is in,
+    as it is for any small one: fields the control plane sent after the body, which a client
+    would never take for headers, reached the guest as headers of the answer."""
+
+    async def trailer(peer: Peer) -> None:
+        while (await peer.read_request()) is not None:
+            await peer.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Secret\r\n\r\n"
+                b"2\r\nok\r\n0\r\nX-Secret: t\r\nX-Cache-Hint: max-age=600\r\n\r\n"
+            )
+
+    async with serve(trailer) as srv, client(f"http://127.0.0.1:{srv.port}") as up:
+        resp = await up.request("GET", b"/", [])
+        try:
+            assert await resp.read() == b"ok"
+            assert [name.lower() for name, _ in resp.headers] == [b"transfer-encoding", b"trailer"]
+        finally:
+            await resp.aclose()
+
+
 async def test_streamed_response_from_starlette(control_plane: str) -> None:
     async with client(control_plane) as up:
         resp = await up.request("GET", b"/stream", [])
