@@ -86,15 +86,15 @@ TOO_MANY_CONNECTIONS = Refusal(
 # A header name with '_': CGI/WSGI gateways read `X_Forwarded_For` and `X-Forwarded-For`
 # alike (HTTP_X_FORWARDED_FOR), so a look-alike would pass beside the header the proxy sets.
 UNDERSCORE_HEADER = Refusal(400, "bad_request", "Header names containing '_' are not accepted.")
-# Answered for a request that asks to switch protocols (Connection: upgrade with Upgrade, or
-# CONNECT): the parser hands everything after its head to the other protocol, so the
-# connection's framing ends there (protocol.GuestProtocol).
 # A GET or HEAD body is never forwarded, so it is never counted against max_body_bytes as
 # it is read: a declared one is refused by its length (413), a chunked one, of no known
 # length, here (else it is read and dropped for as long as the call takes: minutes, on a
 # long-poll route).
 BODILESS_METHODS = frozenset({"GET", "HEAD"})
 CHUNKED_WITHOUT_BODY = Refusal(400, "bad_request", "A GET or HEAD request cannot carry a chunked body.")
+# Answered for a request that asks to switch protocols (Connection: upgrade with Upgrade, or
+# CONNECT): the parser hands everything after its head to the other protocol, so the
+# connection's framing ends there (protocol.GuestProtocol).
 UPGRADE = Refusal(400, "bad_request", "Protocol upgrades and CONNECT are not supported.")
 # The scope key under which GuestProtocol hands the app a Refusal for the request as a whole.
 REFUSAL_KEY = "metadata_proxy.refusal"

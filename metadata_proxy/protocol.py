@@ -261,6 +261,8 @@ class GuestProtocol(HttpToolsProtocol):
         "_after_chunk_header",
         "_body_seen",
         "_trailer_bytes",
+        "_body_bytes",
+        "_framing",
         "_writes",
         "_peer",
     )
