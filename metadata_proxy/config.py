@@ -584,12 +584,9 @@ def unreadable_by(path: str, account: tuple[str, int, frozenset[int]]) -> str | 
 
 def _check_tls(config: Config) -> None:
     """Load the TLS material as the upstream client will, naming the file that fails.
-    (Imported here: hostagent reads configs too, and never needs these.)"""
+    (Imported here, and cryptography only with a client certificate: hostagent reads configs
+    too, and a proxy without one never needs its ~10 MB.)"""
     import ssl
-
-    from cryptography import x509
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
 
     cp = config.control_plane
 
@@ -603,6 +600,10 @@ def _check_tls(config: Config) -> None:
             raise fail("ca_file", cp.ca_file, f"not a PEM CA bundle ({exc.args[-1] if exc.args else exc})") from None
     if not cp.client_cert:
         return
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     with open(cp.client_cert, "rb") as f:
         cert_data = f.read()
     with open(cp.client_key, "rb") as f:
