@@ -574,13 +574,16 @@ class _UntilHangUp:
         self._owner: ConnectionOwner = ex.scope[OWNER_KEY]
 
     def __enter__(self) -> None:
+        if self._owner.gone:
+            # Gone already: nothing inside runs (a cancel of our own would wait for the first
+            # suspension inside, and fire after the exit if there were none).
+            raise GuestDisconnected
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        if self._owner.gone:
-            task.cancel()  # gone already: the first wait inside ends at once
-        else:
-            self._owner.on_hang_up(task.cancel)
+        # Runs from the protocol's connection_lost, a loop callback: the task is suspended
+        # inside then, and the cancel lands there.
+        self._owner.on_hang_up(task.cancel)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         owner = self._owner

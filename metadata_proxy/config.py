@@ -585,7 +585,7 @@ def unreadable_by(path: str, account: tuple[str, int, frozenset[int]]) -> str | 
 def _check_tls(config: Config) -> None:
     """Load the TLS material as the upstream client will, naming the file that fails.
     (Imported here, and cryptography only with a client certificate: hostagent reads configs
-    too, and a proxy without one never needs its ~10 MB.)"""
+    too, and a proxy without one never needs its memory.)"""
     import ssl
 
     cp = config.control_plane

@@ -20,8 +20,11 @@ a `GuestSide`; uvicorn builds each connection's protocol through the factory it 
 (`uvicorn.Config(http=functools.partial(GuestProtocol, side))`). The seam with uvicorn is
 that factory call, httptools' parser callbacks (on_message_begin, on_header,
 on_headers_complete, on_body, on_message_complete: the parser calls them by these names)
-and asyncio's protocol methods, overridden here and calling uvicorn's own; besides those,
-uvicorn's public attributes listed in tests/test_protocol.py, which pins them all.
+and asyncio's protocol methods, overridden here and calling uvicorn's own (by its class, not
+super(): they run for every request); one callback, on_response_complete, does uvicorn's own
+work itself when nothing is pipelined, less its idle keep-alive timer. Besides those,
+uvicorn's public attributes and the source of that one callback are pinned by
+tests/test_protocol.py.
 """
 
 from __future__ import annotations
@@ -233,7 +236,7 @@ class GuestProtocol(HttpToolsProtocol):
     for each connection, `side` bound first (functools.partial)."""
 
     # Its own state in slots: uvicorn's attributes alone fit an instance's inline values, and
-    # ours on top would turn them into a dict of ~1.7 KB per connection (bench/held_memory.py).
+    # ours on top would turn them into a dict per connection (bench/held_memory.py measures it).
     # An attribute added here belongs in this list.
     __slots__ = (
         "proxy_app",
@@ -589,9 +592,11 @@ class GuestProtocol(HttpToolsProtocol):
 
     def eof_received(self) -> None:
         """The guest half-closed its side. As uvicorn's, this returns None: the transport
-        closes itself, once what it holds for the guest is written, which a guest that does
+        closes itself once what it holds for the guest is written, which a guest that does
         not read never lets happen; that close never passes through CoalescingTransport.close,
-        so its deadline is set here."""
+        so what the buffer holds is handed over first (a close skips it) and the close's
+        deadline is set here."""
+        self._writes.flush()
         super().eof_received()
         if not self._writes.is_closing():
             self._begin_close()

@@ -128,8 +128,8 @@ def _uvicorn_config(
         server_header=False,
         access_log=False,
         log_config=None,
-        # The admin endpoint's idle keep-alive. GuestProtocol cancels uvicorn's timer and keeps
-        # its own deadline (protocol.Deadlines.keep_alive_seconds).
+        # The admin endpoint's idle keep-alive. GuestProtocol never arms uvicorn's timer and
+        # keeps its own deadline (protocol.Deadlines.keep_alive_seconds).
         timeout_keep_alive=int(KEEP_ALIVE_SECONDS),
         timeout_graceful_shutdown=int(drain),
     )

@@ -283,7 +283,7 @@ class _Connection(asyncio.Protocol):
         self._timeout = pool._timeout
         self._transport: asyncio.Transport = cast(asyncio.Transport, None)  # set in connection_made
         # Made with the first answer's first byte: a held long-poll's fresh connection waits
-        # minutes for it, and a parser is ~1 KB (bench/held_memory.py).
+        # minutes for it, and a parser is not small (bench/held_memory.py).
         self._parser: httptools.HttpResponseParser | None = None
         self._resp: Response | None = None  # the exchange in progress
         self._waiter: asyncio.Future[None] | None = None

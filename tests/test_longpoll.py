@@ -25,10 +25,11 @@ import uvicorn
 from controlplane.metadata import etag_of
 from controlplane.tokens import Secrets, mint
 from controlplane.vms import WATCH_INTERVAL, VmDirectory
-from metadata_proxy.app import ProxyApp
+from metadata_proxy.app import Exchange, ProxyApp, _UntilHangUp
 from metadata_proxy.config import ListenAddress, parse_config
-from metadata_proxy.forward import build_client
+from metadata_proxy.forward import GuestDisconnected, build_client
 from metadata_proxy.logs import AccessLog
+from metadata_proxy.owners import OWNER_KEY, ConnectionOwner
 from metadata_proxy.protocol import GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config, bind_listen
@@ -362,3 +363,26 @@ def test_etag_follows_the_content_not_the_key_order() -> None:
     assert etag_of({"a": 1, "b": [1, 2]}) == etag_of({"b": [1, 2], "a": 1})
     assert etag_of({"a": 1}) != etag_of({"a": 2})
     assert etag_of({}).startswith('"') and etag_of({}).endswith('"')
+
+
+@pytest.mark.anyio
+async def test_a_request_whose_guest_left_already_waits_for_nothing() -> None:
+    """A guest gone before the wait begins: GuestDisconnected at once, nothing inside runs, and
+    no cancel is left pending for the request's task (it would fire at its next await)."""
+    owner = ConnectionOwner(None, known=False)
+    owner.hang_up()
+
+    async def nothing() -> dict[str, Any]:
+        raise AssertionError("never received from")
+
+    async def ignore(message: Any) -> None:
+        raise AssertionError("never sent to")
+
+    exchange = Exchange({"type": "http", OWNER_KEY: owner, "client": ("127.0.0.1", 1)}, nothing, ignore)
+    ran = []
+    with pytest.raises(GuestDisconnected), _UntilHangUp(exchange):
+        ran.append("inside")
+    assert ran == []
+    await asyncio.sleep(0)  # a pending cancel would land here
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
