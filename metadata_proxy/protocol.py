@@ -253,6 +253,7 @@ class GuestProtocol(HttpToolsProtocol):
         "_reading",
         "_requests",
         "_stopped",
+        "_dropped",
         "_close_after_body",
         "_closing_at",
         "_write_stalled_at",
@@ -299,6 +300,7 @@ class GuestProtocol(HttpToolsProtocol):
         self._reading = _BETWEEN
         self._requests = 0  # heads begun on this connection
         self._stopped = False  # nothing more is parsed (after an Upgrade, MAX_PIPELINED, a close)
+        self._dropped = 0  # bytes read and dropped since (DRAIN_BYTES at most)
         self._close_after_body = False  # a lingering close: see _closing
         self._closing_at: float | None = None
         self._write_stalled_at: float | None = None
@@ -336,11 +338,16 @@ class GuestProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
-            # Nothing more is parsed, so nothing more is read either: each answer queued before
-            # resumes reading for the next (uvicorn's flow control), and a guest would have the
-            # proxy read and drop at wire speed for as long as they take (a long-poll: minutes).
-            # One read per resume at most; the close comes after the last answer.
-            self.flow.pause_reading()
+            # Nothing more is parsed: what comes is read and dropped, DRAIN_BYTES at most (a
+            # few requests past the pipelining cap, sent before the guest saw the close: read,
+            # they leave no unread bytes to turn the close into a reset that could destroy the
+            # answers before the guest reads them); past that nothing more is read. Each answer
+            # queued before resumes reading for the next (uvicorn's flow control), and a guest
+            # would have the proxy read at wire speed for as long as they take (a long-poll:
+            # minutes): one read per resume at most; the close comes after the last answer.
+            self._dropped += len(data)
+            if self._dropped > DRAIN_BYTES:
+                self.flow.pause_reading()
             return
         self.owners.input_arrived()
         begun = self._requests
