@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import ctypes
 import gc
-import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -37,9 +35,9 @@ from collections import Counter
 from pathlib import Path
 
 import uvloop
-from resilience import METADATA, address, proxy_config, raise_nofile, write_vms
+from resilience import METADATA, proxy_config, raise_nofile, start_world, write_vms
 
-from bench import ROOT, Processes, free_port, hostagent, make_token, rss_mb, wait_for_port
+from bench import ROOT, Processes, free_port, rss_mb
 from metadata_proxy import systemd
 from metadata_proxy.config import ListenAddress, load_config
 from metadata_proxy.logs import AccessLog
@@ -225,34 +223,7 @@ def main() -> int:
     processes = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="metadata-proxy-held-memory-"))
     try:
-        secret = secrets.token_bytes(32).hex().encode()
-        (tmp / "secret").write_bytes(secret)
-        args.vm_file = tmp / "vms.jsonl"
-        write_vms(args.vm_file, generation=0)
-        registry = tmp / "registry.sqlite3"
-        sync = [
-            json.dumps({"name": f"bench-{i}", "address": address(i), "token": make_token(f"bench-{i}", secret)})
-            for i in range(1000)
-        ]
-        (tmp / "sync.jsonl").write_text("\n".join(sync) + "\n")
-        hostagent(registry, "vm", "sync", str(tmp / "sync.jsonl"))
-        cp_port = free_port()
-        cp = processes.start(
-            [
-                sys.executable,
-                "-m",
-                "tests.controlplane_server",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{cp_port}",
-                "--secret-file",
-                str(tmp / "secret"),
-                "--vms",
-                str(args.vm_file),
-            ],
-            stdout=tmp / "cp.log",
-        )
-        wait_for_port(cp_port, cp, "the control plane")
+        args.vm_file, registry, cp_port, _ = start_world(tmp, processes)
         port = free_port()
         config = load_config(str(proxy_config(tmp, "held", port, cp_port, registry)))
         sock = bind_listen(ListenAddress("127.0.0.1", port))

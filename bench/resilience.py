@@ -293,13 +293,14 @@ def write_vms(path: Path, generation: int) -> None:
     os.replace(temporary, path)
 
 
-def run(tmp: Path, processes: Processes, nofile: int) -> tuple[dict[str, float], dict[str, float]]:
-    secret = secrets.token_bytes(32)
-    (tmp / "secret").write_bytes(secret.hex().encode())
+def start_world(tmp: Path, processes: Processes) -> tuple[Path, Path, int, dict[int, str]]:
+    """The VMs (their --vms file, and the registry hostagent syncs) and the reference control
+    plane serving them: (vm file, registry, the control plane's port, each VM's token)."""
+    key = secrets.token_bytes(32).hex().encode()  # the control plane reads the file's text as the secret
+    (tmp / "secret").write_bytes(key)
     vm_file = tmp / "vms.jsonl"
     write_vms(vm_file, generation=0)
     registry = tmp / "registry.sqlite3"
-    key = secret.hex().encode()  # the control plane reads the file's text as the secret
     tokens = {i: make_token(f"bench-{i}", key) for i in range(VMS)}
     sync = [json.dumps({"name": f"bench-{i}", "address": address(i), "token": tokens[i]}) for i in range(VMS)]
     (tmp / "sync.jsonl").write_text("\n".join(sync) + "\n")
@@ -322,6 +323,11 @@ def run(tmp: Path, processes: Processes, nofile: int) -> tuple[dict[str, float],
         stdout=tmp / "cp.log",
     )
     wait_for_port(cp_port, cp, "the control plane")
+    return vm_file, registry, cp_port, tokens
+
+
+def run(tmp: Path, processes: Processes, nofile: int) -> tuple[dict[str, float], dict[str, float]]:
+    vm_file, registry, cp_port, tokens = start_world(tmp, processes)
 
     results = []
     for name, scenario in (("storm", "boot storm"), ("polls", "long-polls")):
