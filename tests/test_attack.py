@@ -26,7 +26,7 @@ from metadata_proxy.config import parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.owners import OWNER_KEY
-from metadata_proxy.protocol import Deadlines, GuestProtocol, GuestSide
+from metadata_proxy.protocol import MAX_PIPELINED, Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config
 from tests.harness import ControlPlane, Proxy, run, running
@@ -296,6 +296,46 @@ def test_nothing_more_is_read_once_parsing_stops(fleet: Fleet, stop: str) -> Non
     assert statuses[-1] == ((400, "bad_request") if stop == "upgrade" else (200, None)), statuses
     assert answers[-1].header("connection") == "close"
     assert sent[0] < READ_BOUND, sent[0]
+    serves(fleet, vm)
+
+
+# Once parsing stops: DRAIN_BYTES read and dropped, one read (256 KiB) more, the kernel's buffers.
+STOPPED_READ_BOUND = 3 * 1024 * 1024
+
+
+def test_queued_requests_with_bodies_do_not_resume_reading_once_parsing_stops(fleet: Fleet) -> None:
+    """MAX_PIPELINED requests with a body queued behind a long-poll, then a flood: once past
+    DRAIN_BYTES the stopped connection paused reading, but uvicorn's receive() resumes it
+    whenever the app reads a body, complete or not: each queued POST let one more read
+    (256 KiB) in, twice, ~7 MB read in all where GETs in its place let ~0.7 MB in. Now a
+    stopped connection past DRAIN_BYTES reads nothing more, whoever resumes."""
+    vm = fleet.vms[6]
+    held = request(fleet, "/runtime/slow/x?seconds=1")
+    queued = request(fleet, "/runtime/echo", method="POST", body=b"x" * 10) * MAX_PIPELINED
+    sent = [0]
+    statuses: list[int] = []
+    with Conn(fleet, vm.address, timeout=20) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.send(held + queued + request(fleet, "/runtime/whoami"))  # the last: past the cap, never parsed
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < FLOOD_BYTES:
+                    conn.sock.sendall(b"z" * 65536)
+                    sent[0] += 65536
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            with contextlib.suppress(ConnectionError):  # the flood's unread rest: a reset at the close
+                while True:
+                    statuses.append(conn.answer().status)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+    assert statuses[:2] == [200, 200], statuses
+    assert sent[0] < STOPPED_READ_BOUND, sent[0]
     serves(fleet, vm)
 
 
