@@ -12,7 +12,9 @@ import functools
 import io
 import json
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from tests.test_hostile import (
     Fleet,
     RecordingSocket,
     exchange,
+    in_flight,
     local_app,
     quietly,
     refused,
@@ -346,6 +349,55 @@ def test_queued_requests_with_bodies_do_not_resume_reading_once_parsing_stops(fl
     read = bytes_read(fleet.proxy) - before
     assert read < STOPPED_READ_BOUND, (read, sent[0])
     serves(fleet, vm)
+
+
+def test_nothing_parsed_after_the_stop_reaches_the_control_plane(fleet: Fleet, cp: ControlPlane) -> None:
+    """Requests past the pipelining cap, or after an Upgrade head, in the same read or the
+    next: the ones before are answered, the connection closes, and the rest is never forwarded."""
+    vm = fleet.vms[7]
+    after = request(fleet, "/runtime/echo/after-stop", method="POST", body=b"q") * 3
+    held = request(fleet, "/runtime/slow/x?seconds=0.5")
+    upgrade = request(fleet, "/runtime/echo", [("Connection", "Upgrade"), ("Upgrade", "h2c")])
+    for queued, answered in (
+        (request(fleet, "/metadata/v1/instance") * MAX_PIPELINED, 1 + MAX_PIPELINED),
+        (upgrade, 2),
+    ):
+        with Conn(fleet, vm.address) as conn:
+            conn.send(held + queued + after)
+            answers = [conn.answer() for _ in range(answered)]
+            with contextlib.suppress(OSError):  # closing already
+                conn.send(after)  # nothing parsed, nothing forwarded
+            assert conn.closed(within=5)
+        assert answers[-1].header("connection") == "close"
+    assert cp.requests_seen("/runtime/echo/after-stop") == 0
+    serves(fleet, vm)
+
+
+def test_guests_gone_as_their_long_polls_are_answered_leave_nothing_held(fleet: Fleet) -> None:
+    """Guests close or reset their connections around the moment their held requests are
+    answered (before, during and after the answer arrives), or long before: every request
+    ends at once (none left in flight, no `max_concurrent` slot or upstream wait kept for
+    the 15 s of the longer ones) and each VM is served after."""
+    vms = fleet.vms[:4]
+    for wave in range(2):
+        conns = [Conn(fleet, vms[i % len(vms)].address) for i in range(24)]
+        for i, conn in enumerate(conns):
+            seconds = 15 if i % 3 == 0 else 1  # a third held far longer: gone long before their answer
+            conn.send(request(fleet, f"/runtime/slow/gone{i % 5}?seconds={seconds}"))
+        began = time.monotonic()
+        for i, conn in enumerate(conns):
+            time.sleep(max(0.0, began + 0.94 + i * 0.005 - time.monotonic()))
+            if wave:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+            conn.sock.close()
+            conn.reader.close()
+    for _ in range(50):
+        if in_flight(fleet.proxy) == 0:
+            break
+        time.sleep(0.1)
+    assert in_flight(fleet.proxy) == 0
+    for vm in vms:
+        serves(fleet, vm)
 
 
 # -- coalescing: an answer fetched for one VM is never shared with another -------------------
