@@ -111,7 +111,7 @@ class CoalescingTransport(asyncio.Transport):
     spelled out (no catch-all): a write path added to uvicorn must go through the buffer,
     or fail, never overtake bytes held here."""
 
-    __slots__ = ("_transport", "_loop", "_pending", "_size", "_on_close")
+    __slots__ = ("_transport", "_loop", "_pending", "_size", "_on_close", "_held")
 
     def __init__(
         self,
@@ -127,6 +127,7 @@ class CoalescingTransport(asyncio.Transport):
         # The protocol's: True to put the close off (a lingering close: the rest of a body
         # is read first); else the close has begun, and must complete within a deadline.
         self._on_close = on_close
+        self._held = False  # reading paused for good (hold_reading): no resume lifts it
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         pending = self._pending
@@ -180,7 +181,14 @@ class CoalescingTransport(asyncio.Transport):
         self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        self._transport.resume_reading()
+        if not self._held:
+            self._transport.resume_reading()
+
+    def hold_reading(self) -> None:
+        """Pause reading for the rest of the connection: uvicorn resumes it after each answer
+        and whenever the app reads a body (complete or not), which must read nothing more."""
+        self._held = True
+        self._transport.pause_reading()
 
     def is_reading(self) -> bool:
         return self._transport.is_reading()
@@ -341,13 +349,15 @@ class GuestProtocol(HttpToolsProtocol):
             # Nothing more is parsed: what comes is read and dropped, DRAIN_BYTES at most (a
             # few requests past the pipelining cap, sent before the guest saw the close: read,
             # they leave no unread bytes to turn the close into a reset that could destroy the
-            # answers before the guest reads them); past that nothing more is read. Each answer
-            # queued before resumes reading for the next (uvicorn's flow control), and a guest
-            # would have the proxy read at wire speed for as long as they take (a long-poll:
-            # minutes): one read per resume at most; the close comes after the last answer.
+            # answers before the guest reads them); past that nothing more is read, for good:
+            # uvicorn resumes reading after each answer queued before and whenever the app
+            # reads a queued request's body (a resume per POST, twice, let 256 KiB in each:
+            # megabytes), and would have the proxy read at wire speed for as long as they take
+            # (a long-poll: minutes). The close comes after the last answer.
             self._dropped += len(data)
             if self._dropped > DRAIN_BYTES:
                 self.flow.pause_reading()
+                self._writes.hold_reading()
             return
         self.owners.input_arrived()
         begun = self._requests

@@ -12,7 +12,9 @@ import functools
 import io
 import json
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from metadata_proxy.config import parse_config
 from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.owners import OWNER_KEY
-from metadata_proxy.protocol import Deadlines, GuestProtocol, GuestSide
+from metadata_proxy.protocol import MAX_PIPELINED, Deadlines, GuestProtocol, GuestSide
 from metadata_proxy.registry import Registry
 from metadata_proxy.server import _uvicorn_config
 from tests.harness import ControlPlane, Proxy, run, running
@@ -38,6 +40,7 @@ from tests.test_hostile import (
     Fleet,
     RecordingSocket,
     exchange,
+    in_flight,
     local_app,
     quietly,
     refused,
@@ -297,6 +300,104 @@ def test_nothing_more_is_read_once_parsing_stops(fleet: Fleet, stop: str) -> Non
     assert answers[-1].header("connection") == "close"
     assert sent[0] < READ_BOUND, sent[0]
     serves(fleet, vm)
+
+
+# Once parsing stops: DRAIN_BYTES read and dropped, one read (256 KiB) more, what came before.
+STOPPED_READ_BOUND = 2 * 1024 * 1024
+
+
+def bytes_read(proxy: Proxy) -> int:
+    """What the proxy process has read so far, sockets included (/proc/PID/io `rchar`)."""
+    assert proxy.process is not None
+    io = Path(f"/proc/{proxy.process.pid}/io").read_text()
+    return int(next(line.split()[1] for line in io.splitlines() if line.startswith("rchar:")))
+
+
+def test_queued_requests_with_bodies_do_not_resume_reading_once_parsing_stops(fleet: Fleet) -> None:
+    """MAX_PIPELINED requests with a body queued behind a long-poll, then a flood: once past
+    DRAIN_BYTES the stopped connection paused reading, but uvicorn's receive() resumes it
+    whenever the app reads a body, complete or not: each queued POST let one more read
+    (256 KiB) in, twice, ~7 MB read in all where GETs in its place let ~0.7 MB in. Now a
+    stopped connection past DRAIN_BYTES reads nothing more, whoever resumes."""
+    vm = fleet.vms[6]
+    held = request(fleet, "/runtime/slow/x?seconds=1")
+    queued = request(fleet, "/runtime/echo", method="POST", body=b"x" * 10) * MAX_PIPELINED
+    sent = [0]
+    statuses: list[int] = []
+    before = bytes_read(fleet.proxy)
+    with Conn(fleet, vm.address, timeout=20) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.send(held + queued + request(fleet, "/runtime/whoami"))  # the last: past the cap, never parsed
+
+        def pump() -> None:
+            with contextlib.suppress(OSError):
+                while sent[0] < FLOOD_BYTES:
+                    conn.sock.sendall(b"z" * 65536)
+                    sent[0] += 65536
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            with contextlib.suppress(ConnectionError):  # the flood's unread rest: a reset at the close
+                while True:
+                    statuses.append(conn.answer().status)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            thread.join()
+    assert statuses[:2] == [200, 200], statuses
+    read = bytes_read(fleet.proxy) - before
+    assert read < STOPPED_READ_BOUND, (read, sent[0])
+    serves(fleet, vm)
+
+
+def test_nothing_parsed_after_the_stop_reaches_the_control_plane(fleet: Fleet, cp: ControlPlane) -> None:
+    """Requests past the pipelining cap, or after an Upgrade head, in the same read or the
+    next: the ones before are answered, the connection closes, and the rest is never forwarded."""
+    vm = fleet.vms[7]
+    after = request(fleet, "/runtime/echo/after-stop", method="POST", body=b"q") * 3
+    held = request(fleet, "/runtime/slow/x?seconds=0.5")
+    upgrade = request(fleet, "/runtime/echo", [("Connection", "Upgrade"), ("Upgrade", "h2c")])
+    for queued, answered in (
+        (request(fleet, "/metadata/v1/instance") * MAX_PIPELINED, 1 + MAX_PIPELINED),
+        (upgrade, 2),
+    ):
+        with Conn(fleet, vm.address) as conn:
+            conn.send(held + queued + after)
+            answers = [conn.answer() for _ in range(answered)]
+            with contextlib.suppress(OSError):  # closing already
+                conn.send(after)  # nothing parsed, nothing forwarded
+            assert conn.closed(within=5)
+        assert answers[-1].header("connection") == "close"
+    assert cp.requests_seen("/runtime/echo/after-stop") == 0
+    serves(fleet, vm)
+
+
+def test_guests_gone_as_their_long_polls_are_answered_leave_nothing_held(fleet: Fleet) -> None:
+    """Guests close or reset their connections around the moment their held requests are
+    answered (before, during and after the answer arrives), or long before: every request
+    ends at once (none left in flight, no `max_concurrent` slot or upstream wait kept for
+    the 15 s of the longer ones) and each VM is served after."""
+    vms = fleet.vms[:4]
+    for wave in range(2):
+        conns = [Conn(fleet, vms[i % len(vms)].address) for i in range(24)]
+        for i, conn in enumerate(conns):
+            seconds = 15 if i % 3 == 0 else 1  # a third held far longer: gone long before their answer
+            conn.send(request(fleet, f"/runtime/slow/gone{i % 5}?seconds={seconds}"))
+        began = time.monotonic()
+        for i, conn in enumerate(conns):
+            time.sleep(max(0.0, began + 0.94 + i * 0.005 - time.monotonic()))
+            if wave:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+            conn.sock.close()
+            conn.reader.close()
+    for _ in range(50):
+        if in_flight(fleet.proxy) == 0:
+            break
+        time.sleep(0.1)
+    assert in_flight(fleet.proxy) == 0
+    for vm in vms:
+        serves(fleet, vm)
 
 
 # -- coalescing: an answer fetched for one VM is never shared with another -------------------
