@@ -168,29 +168,38 @@ FLOOD_BYTES = 32 * 1024 * 1024
 READ_BOUND = 8 * 1024 * 1024
 
 
+@contextlib.contextmanager
+def flooding(conn: Conn, piece: bytes = b"z" * 65536) -> Iterator[list[int]]:
+    """Send `piece` over and over on `conn` (FLOOD_BYTES at most) from a thread while the body
+    of the `with` reads; yields the count of bytes sent so far (`[n]`). On exit the socket is
+    shut down (reset already, or not: the pump stops either way) and the thread joined."""
+    sent = [0]
+
+    def pump() -> None:
+        with contextlib.suppress(OSError):
+            while sent[0] < FLOOD_BYTES:
+                conn.sock.sendall(piece)
+                sent[0] += len(piece)
+
+    thread = threading.Thread(target=pump)
+    thread.start()
+    try:
+        yield sent
+    finally:
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        thread.join()
+
+
 def flood(fleet: Fleet, source: str, head: bytes, piece: bytes) -> tuple[Answer, int]:
     """Send `head`, then `piece` over and over (FLOOD_BYTES at most) while reading the answer:
     the answer and how many bytes were sent before the proxy closed (or the flood ended)."""
-    sent = [0]
     with Conn(fleet, source, timeout=20) as conn:
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         conn.send(head)
-
-        def pump() -> None:
-            with contextlib.suppress(OSError):
-                while sent[0] < FLOOD_BYTES:
-                    conn.sock.sendall(piece)
-                    sent[0] += len(piece)
-
-        thread = threading.Thread(target=pump)
-        thread.start()
-        try:
+        with flooding(conn, piece) as sent:
             answer = conn.answer()
             assert conn.closed(within=10)
-        finally:
-            with contextlib.suppress(OSError):  # reset already, or not: the pump stops either way
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            thread.join()
     return answer, sent[0]
 
 
@@ -272,27 +281,12 @@ def test_nothing_more_is_read_once_parsing_stops(fleet: Fleet, stop: str) -> Non
     else:
         last = [request(fleet, "/metadata/v1/instance")] * 20
     answers: list[Answer] = []
-    sent = [0]
     with Conn(fleet, vm.address, timeout=20) as conn:
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         conn.send(request(fleet, "/runtime/whoami") + held + b"".join(last))
-
-        def pump() -> None:
-            with contextlib.suppress(OSError):
-                while sent[0] < FLOOD_BYTES:
-                    conn.sock.sendall(b"z" * 65536)
-                    sent[0] += 65536
-
-        thread = threading.Thread(target=pump)
-        thread.start()
-        try:
-            with contextlib.suppress(ConnectionError):
-                while True:
-                    answers.append(conn.answer())
-        finally:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            thread.join()
+        with flooding(conn) as sent, contextlib.suppress(ConnectionError):
+            while True:
+                answers.append(conn.answer())
     statuses = [(a.status, a.code) for a in answers]
     assert statuses[:2] == [(200, None), (200, None)], statuses
     assert answers[1].json() == {"slept": 3.0}
@@ -322,29 +316,15 @@ def test_queued_requests_with_bodies_do_not_resume_reading_once_parsing_stops(fl
     vm = fleet.vms[6]
     held = request(fleet, "/runtime/slow/x?seconds=1")
     queued = request(fleet, "/runtime/echo", method="POST", body=b"x" * 10) * MAX_PIPELINED
-    sent = [0]
     statuses: list[int] = []
     before = bytes_read(fleet.proxy)
     with Conn(fleet, vm.address, timeout=20) as conn:
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         conn.send(held + queued + request(fleet, "/runtime/whoami"))  # the last: past the cap, never parsed
-
-        def pump() -> None:
-            with contextlib.suppress(OSError):
-                while sent[0] < FLOOD_BYTES:
-                    conn.sock.sendall(b"z" * 65536)
-                    sent[0] += 65536
-
-        thread = threading.Thread(target=pump)
-        thread.start()
-        try:
-            with contextlib.suppress(ConnectionError):  # the flood's unread rest: a reset at the close
-                while True:
-                    statuses.append(conn.answer().status)
-        finally:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            thread.join()
+        # The flood's unread rest: a reset at the close.
+        with flooding(conn) as sent, contextlib.suppress(ConnectionError):
+            while True:
+                statuses.append(conn.answer().status)
     assert statuses[:2] == [200, 200], statuses
     read = bytes_read(fleet.proxy) - before
     assert read < STOPPED_READ_BOUND, (read, sent[0])
