@@ -311,13 +311,18 @@ async def served(cp: ControlPlane, tmp_path: Path, protocol: type[GuestProtocol]
         await client.aclose()
 
 
-async def ask(request: bytes) -> tuple[int, bytes]:
+async def connect(request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from the registered guest (127.0.0.180) to the server `request` names."""
     port = int(request.split(b"127.0.0.1:")[1].split(b"\r\n")[0])
     sock = socket.socket()
     sock.bind(("127.0.0.180", 0))
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock)
+    return await asyncio.open_connection(sock=sock)
+
+
+async def ask(request: bytes) -> tuple[int, bytes]:
+    reader, writer = await connect(request)
     writer.write(request)
     received = await reader.read()
     writer.close()
@@ -357,12 +362,7 @@ async def test_an_answer_arms_no_uvicorn_keep_alive_timer_and_the_connection_ser
     Remembered.made.clear()
     async with served(cp, tmp_path, Remembered) as request:
         keep_alive = request.replace(b"Connection: close\r\n", b"")
-        port = int(request.split(b"127.0.0.1:")[1].split(b"\r\n")[0])
-        sock = socket.socket()
-        sock.bind(("127.0.0.180", 0))
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        reader, writer = await connect(request)
         try:
             for n in (1, 2):
                 writer.write(keep_alive)
