@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,8 @@ class Container:
 
     def __init__(self, name: str) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix=f"mpt-{name}-"))
+        # mkdtemp's suffix may hold "_" or end in "-", neither valid in a machine name.
+        self.machine = f"mpt-{name}-{secrets.token_hex(4)}"
         self.root = self.directory / "root"
         self.console = self.directory / "console.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -96,7 +99,7 @@ class Container:
                     "--quiet",
                     "--boot",
                     f"--directory={self.root}",
-                    f"--machine={self.directory.name[:60].replace('_', '-')}",  # no "_" in a machine name
+                    f"--machine={self.machine}",
                     "--register=no",
                     "--keep-unit",
                     "--system-call-filter=bpf",
