@@ -247,12 +247,15 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("hang_up", ["close", "half-close"])
 async def test_a_hang_up_ends_the_held_request_and_closes_its_upstream_connection(
-    lp_cp: ControlPlane, vm_file: VmFile, tmp_path: Path
+    lp_cp: ControlPlane, vm_file: VmFile, tmp_path: Path, hang_up: str
 ) -> None:
     """The real server in this process, so that its upstream pool can be looked at: a guest
     that hangs up on a held long-poll ends it (logged 499) and its upstream connection is
-    closed, not kept open to the route's timeout nor pooled with an answer still to come."""
+    closed, not kept open to the route's timeout nor pooled with an answer still to come.
+    A half-close (EOF, the guest still reading) is a hang-up too (README, "Slow and greedy
+    guests"): it cannot be told from a guest that died."""
     port, address = free_port(), f"127.0.0.{next(_addresses)}"
     vm_file.set("vm-gone", {"v": 1})
     registry = tmp_path / "registry.sqlite3"
@@ -295,7 +298,10 @@ async def test_a_hang_up_ends_the_held_request_and_closes_its_upstream_connectio
                 break
             await asyncio.sleep(0.02)
         assert (app.in_flight, client.connections_open, client.connections_idle) == (1, 1, 0)  # held
-        writer.close()
+        if hang_up == "close":
+            writer.close()
+        else:
+            writer.write_eof()
         for _ in range(500):
             if app.in_flight == 0 and client.connections_open == 0:
                 break
@@ -305,6 +311,7 @@ async def test_a_hang_up_ends_the_held_request_and_closes_its_upstream_connectio
         (line,) = [json.loads(line) for line in log.getvalue().splitlines()]
         assert (line["vm"], line["status"], line["upstream_status"]) == ("gone", 499, None)
         assert await reader.read() == b""  # nothing was answered
+        writer.close()
     finally:
         server.should_exit = True
         await server.shutdown()
