@@ -335,7 +335,7 @@ class ProxyApp:
         """A cache miss: when the same VM's identical GET is in flight, its answer if that is
         cacheable (or stale on its failure); else a call of our own, which identical GETs
         arriving meanwhile wait for. Identical: same VM, same byte-exact target (README,
-        "Choices"); waiters keep their `max_concurrent` slot."""
+        "Design choices"); waiters keep their `max_concurrent` slot."""
         vm = ex.vm
         assert vm is not None
         key = (vm.name, target)

@@ -360,7 +360,7 @@ class ProxyServer:
         """For each address in `holders` whose VM no longer holds it (removed, or the address
         handed on), the guest connections its old holder opened: each closes after the
         request it is answering, or, idle, at its next request (answered 403 `unknown_vm`
-        with `Connection: close`, README "How a request flows") or its keep-alive deadline, whichever comes
+        with `Connection: close`, README "Design choices") or its keep-alive deadline, whichever comes
         first (GuestProtocol.owner_lost). Those the new holder opened stay. Returns how many
         had a request in progress."""
         ending = 0

@@ -1,13 +1,13 @@
 """A lean HTTP/1.1 client for the forwarding hot path: asyncio protocols plus httptools' parser.
 
-Why a client of our own (README "Performance" allows exactly this one exception): the benchmark bar
+Why a client of our own (README "Performance" has the numbers): the benchmark bar
 is 0.15x haproxy on the same machine, about 4.4k requests/s through one process on two cores.
 httpx's async client spends ~1.3 ms of CPU per request (~400 req/s) and aiohttp tops out
 around 3k req/s; an ``asyncio.Protocol`` that writes each request with one ``transport.write``
 and feeds the answer to ``httptools.HttpResponseParser`` (the llhttp parser uvicorn already
 uses for the guest side) does roughly twice aiohttp. Everything else here is the minimum a
-proxy needs: keep-alive pooling, timeouts, retries that README "How a request flows" allows, backpressure
-both ways, TLS. No cookies, no redirects, no environment proxies, no HTTP/2.
+proxy needs: keep-alive pooling, timeouts, the retries README "Design choices" describes,
+backpressure both ways, TLS. No cookies, no redirects, no environment proxies, no HTTP/2.
 
 Errors (everything the client raises for an upstream failure)::
 
@@ -33,7 +33,7 @@ Design:
   a released connection, or the slot of a closed one, is handed straight to the first
   waiter, so nobody starves. An idle connection that the server closes is dropped at once
   (``connection_lost``); bytes arriving on an idle connection also close it.
-- Retries (README "How a request flows"): a failed connect is retried with exponential backoff and full
+- Retries (README "Design choices", Upstream): a failed connect is retried with exponential backoff and full
   jitter until ``retry_budget`` is spent; a kept-alive connection that closed before any
   response byte (the server's idle timeout racing our request) is retried at once on a
   fresh connection, when the body can be sent again. A timeout is never retried, nor
@@ -698,7 +698,7 @@ class Upstream:
         read), when it differs from the client's (a route's own, e.g. for long-polls);
         connecting and waiting for a pool slot keep the client's.
 
-        Retries follow README "How a request flows": connect failures with backoff inside `retry_budget`; a
+        Retries follow README "Design choices": connect failures with backoff inside `retry_budget`; a
         kept-alive connection closed before any response byte once, at once, on a fresh
         connection (bytes bodies, or a streamed one not yet consumed). Nothing else: a fresh
         connection lost may have reached the server.

@@ -272,6 +272,9 @@ def test_install_with_no_network(box: Container) -> None:
         "cd /usr/lib && test -f systemd/system/metadata-proxy.socket -a -f systemd/system/metadata-proxy-host.service"
         " -a -f sysusers.d/metadata-proxy.conf -a -f tmpfiles.d/metadata-proxy.conf"
         " -a -f /usr/share/doc/metadata-proxy/examples/config.toml -a -f /usr/share/doc/metadata-proxy/copyright"
+        # docs/ beside the README: its links to docs/*.md hold in the installed copy
+        " -a -f /usr/share/doc/metadata-proxy/docs/configuration.md"
+        " -a -f /usr/share/doc/metadata-proxy/docs/metadata.md"
     )
     assert (
         "ExecStart=/usr/bin/metadata-proxy serve"
