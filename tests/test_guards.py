@@ -86,6 +86,15 @@ def test_path_refused(path: bytes) -> None:
     assert guards.check_path(path) is guards.BAD_PATH
 
 
+def test_percent_decoding_is_followed_for_three_rounds_and_no_further() -> None:
+    """Each round is checked: a path clean after three rounds passes (a client that encoded
+    an already encoded name twice more); one still encoded after them is refused, whatever
+    it decodes to, rather than forwarded with rounds nobody looked at."""
+    assert guards.check_path(b"/runtime/a%252520b") is None  # -> %2520 -> %20 -> " "
+    assert guards.check_path_fully(b"/runtime/a%252520b") is None
+    assert guards.check_path(b"/runtime/a%25252520b") is guards.BAD_PATH  # a fourth round needed
+
+
 # Pieces a path is built from: plain ones (what the fast path lets through), and the bytes
 # and escapes each part of the full check looks for, encoded once or twice, in both cases.
 _PLAIN_PIECES = [b"/", b"a", b"runtime", b"-", b"~", b"_", b"x1", b";", b"=", b"?", b"!", b"@"]
