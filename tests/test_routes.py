@@ -17,7 +17,7 @@ from metadata_proxy.forward import build_client
 from metadata_proxy.logs import AccessLog
 from metadata_proxy.registry import Registry
 from tests.harness import ControlPlane
-from tests.test_app import as_guest, code, seen, sync
+from tests.test_app import as_guest, asgi, code, seen, sync
 
 pytestmark = pytest.mark.anyio
 
@@ -128,6 +128,21 @@ async def test_route_body_limit(app: ProxyApp, cp: ControlPlane) -> None:
         # The same 11 bytes under the default route: [limits] max_body_bytes (1000) applies.
         other = await vm.post("/runtime/echo/x", headers=META, content=b"x" * 11)
         assert other.status_code == 200 and other.json()["body_length"] == 11
+
+
+async def test_a_declared_body_over_the_routes_limit_is_refused_before_any_of_it_is_read(
+    app: ProxyApp, cp: ControlPlane
+) -> None:
+    """Under [limits] max_body_bytes (1000) but over the route's 10: refused on its length, as
+    a body over the global limit is, before a byte is read (reading would make the server send
+    100 Continue, and the guest its body)."""
+    headers = [(b"metadata", b"true"), (b"content-length", b"11"), (b"expect", b"100-continue")]
+    before = seen(cp)
+    exchange = await asgi(app, VM, "POST", b"/runtime/echo/small/x", headers)
+    assert (exchange.status, exchange.code) == (413, "body_too_large")
+    assert exchange.headers[b"connection"] == b"close"
+    assert exchange.receives == 0
+    assert seen(cp) == before
 
 
 async def test_route_timeout(app: ProxyApp) -> None:
