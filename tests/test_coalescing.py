@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,36 @@ def test_no_store_answer_is_not_shared(proxy: Proxy, cp: ControlPlane) -> None:
     assert len({r.json()["served"] for r in responses}) == 10
 
 
+def test_a_path_that_answered_uncacheably_is_not_waited_on_then_cacheable_answers_share_again(
+    proxy: Proxy, cp: ControlPlane
+) -> None:
+    """Hit-for-miss: after one uncacheable answer, identical GETs of that path all call at once
+    (a long-poll's waiters must not queue behind each other); a cacheable answer ends that."""
+    address, _ = register(proxy, cp, "hit-for-miss")
+    with httpx.Client(base_url=proxy.url, transport=httpx.HTTPTransport(local_address=address)) as guest:
+        assert guest.get(CACHED, params={"k": next(_keys)}, headers=META).status_code == 200  # no max-age
+    before = cp.requests_seen(CACHED)
+    responses = asyncio.run(burst(proxy, address, 10, max_age=60, delay=0.5, k=next(_keys)))
+    assert [r.status_code for r in responses] == [200] * 10
+    assert cp.requests_seen(CACHED) - before == 10  # nobody waited for another's call
+    before = cp.requests_seen(CACHED)
+    asyncio.run(burst(proxy, address, 10, max_age=60, delay=0.5, k=next(_keys)))
+    assert cp.requests_seen(CACHED) - before == 1  # answered cacheably since: shared again
+
+
+def test_a_5xx_answer_does_not_turn_sharing_off(proxy: Proxy, cp: ControlPlane) -> None:
+    """An outage answers 5xx, uncacheably: were that a reason not to wait, every VM's boot-time
+    storm would reach the control plane whole just as it recovers."""
+    address, _ = register(proxy, cp, "outage")
+    with httpx.Client(base_url=proxy.url, transport=httpx.HTTPTransport(local_address=address)) as guest:
+        failed = guest.get(CACHED, params={"status": 503, "k": next(_keys)}, headers=META)
+    assert failed.status_code == 503
+    before = cp.requests_seen(CACHED)
+    responses = asyncio.run(burst(proxy, address, 20, max_age=60, delay=0.5, k=next(_keys)))
+    assert [r.status_code for r in responses] == [200] * 20
+    assert cp.requests_seen(CACHED) - before == 1
+
+
 def test_a_waiter_whose_guest_leaves_costs_nothing_more(proxy: Proxy, cp: ControlPlane) -> None:
     """Waiters that hang up free their slot at once and never call on their own, even when the
     answer turns out uncacheable (which would make a waiter still there call again)."""
@@ -234,6 +265,8 @@ def test_5xx_from_the_control_plane_gets_the_stale_entry(tmp_path: Path, own_cp:
         assert answers[404].status_code == 404  # not a failure of the control plane: passed on
         assert own_cp.requests_seen(CACHED) == 6
         assert cache_metric(proxy, "stale") == 4
+    log = proxy.log.read_text()
+    assert log.count("answered stale") == 4 and "eyJ" not in log  # each logged, never with the VM's token
 
 
 def test_no_stale_entry_after_the_token_changed(tmp_path: Path, own_cp: ControlPlane) -> None:
@@ -250,6 +283,27 @@ def test_no_stale_entry_after_the_token_changed(tmp_path: Path, own_cp: ControlP
             httpx.get(f"{own_cp.url}/_test/cached_status", params={"status": 503}, timeout=5)
             after = guest.get(CACHED, params=params, headers=META)
         assert after.status_code == 503  # the control plane's own answer: nothing stale to serve
+        assert cache_metric(proxy, "stale") == 0
+
+
+def test_no_stale_entry_when_the_token_changes_during_the_failing_call(tmp_path: Path, own_cp: ControlPlane) -> None:
+    """The entry was fetched with the old token: a call that fails after a re-key has nothing
+    stale to serve, though it began before the change."""
+    proxy = Proxy(tmp_path, own_cp.url, timeout=10)
+    with running(proxy.start()):
+        address, vm_id = register(proxy, own_cp, "rekeyed-during")
+        params: dict[str, str | int] = {"max_age": 1, "directive": "stale-if-error=60", "delay": 3, "k": "during"}
+        with proxy.guest(address) as guest, ThreadPoolExecutor(1) as pool:
+            assert guest.get(CACHED, params=params, headers=META).status_code == 200
+            time.sleep(1.2)  # past max-age, well within stale-if-error
+            httpx.get(f"{own_cp.url}/_test/cached_status", params={"status": 503}, timeout=5)
+            before = own_cp.requests_seen(CACHED)
+            failing = pool.submit(guest.get, CACHED, params=params, headers=META)
+            wait_until(lambda: own_cp.requests_seen(CACHED) > before)  # the call is at the control plane
+            new_token = mint(vm_id, Secrets.from_specs([str(own_cp.secret_file)]), lifetime=3600)
+            proxy.add_vm("rekeyed-during", address, new_token, "--replace")  # within the call's 3 s
+            after = failing.result()
+        assert after.status_code == 503  # the control plane's own answer
         assert cache_metric(proxy, "stale") == 0
 
 
