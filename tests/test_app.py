@@ -352,6 +352,28 @@ async def test_identity_headers_come_from_the_proxy(app: ProxyApp) -> None:
     assert response.json()["authorization_count"] == 1 and response.json()["vm_id"] == "vm-b"
 
 
+async def test_hop_by_hop_headers_stay_on_the_guests_hop(app: ProxyApp) -> None:
+    """RFC 9110 7.6.1: each hop-by-hop field, and what the guest's Connection names, is for the
+    guest's connection only (`TE: gzip` upstream would ask for a coding the proxy cannot read)."""
+    hop = {"TE": "trailers, gzip", "Keep-Alive": "timeout=5", "Proxy-Connection": "keep-alive", "Trailer": "X-After"}
+    async with guest(app, A) as vm:
+        response = await vm.get("/runtime/echo", headers={**META, **hop, "Connection": "X-Hop", "X-Hop": "1"})
+    assert response.status_code == 200, response.text
+    names = {name.lower() for name, _ in response.json()["headers"]}
+    assert not names & {"te", "keep-alive", "proxy-connection", "trailer", "connection", "x-hop"}, names
+
+
+async def test_proxy_prefixed_headers_never_reach_the_control_plane(app: ProxyApp) -> None:
+    """`Proxy-*` is a proxy's to set: Proxy-Client-IP (WebLogic, and Java stacks reading it as
+    the client's address), Proxy-Authorization and any other a framework may trust."""
+    forged = {"Proxy-Client-IP": "10.1.0.3", "Proxy-Token": "x"}
+    async with guest(app, A) as vm:
+        response = await vm.get("/runtime/echo", headers={**META, **forged, "Proxy-Authorization": "Basic eA=="})
+    assert response.status_code == 200, response.text
+    names = {name.lower() for name, _ in response.json()["headers"]}
+    assert not {"proxy-client-ip", "proxy-token", "proxy-authorization"} & names, names
+
+
 # -- paths ----------------------------------------------------------------------------------
 
 
@@ -766,6 +788,44 @@ async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: P
             response = await guest.get("/runtime/x/y?q=1&q=%2F", headers=META)
         assert response.status_code == 200
         assert seen == [b"/api/v1/runtime/x/y?q=1&q=%2F"]
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_answers_hop_by_hop_fields_and_cookies_stay_with_the_proxy(registry: Path) -> None:
+    """Upstream's hop-by-hop fields, those its Connection names, and Set-Cookie (a session with
+    the control plane is the proxy's, made with the VM's token, never the guest's) are dropped;
+    X-Request-Id is the proxy's own, once."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Upstream-Hop\r\n"
+        b"X-Upstream-Hop: secret\r\nKeep-Alive: timeout=5\r\nSet-Cookie: session=abc\r\n"
+        b"Proxy-Authenticate: Basic\r\nX-Request-Id: upstream\r\nX-Kept: yes\r\n\r\n{}"
+    )
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = parse_config(
+        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
+         "control_plane": {"url": f"http://127.0.0.1:{port}", "retry_budget": 0}}
+    )  # fmt: skip
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    try:
+        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as vm:
+            response = await vm.get("/runtime/x", headers=META)
+        assert (response.status_code, response.text, response.headers["x-kept"]) == (200, "{}", "yes")
+        names = [name.decode().lower() for name, _ in response.headers.raw]
+        assert not {"x-upstream-hop", "keep-alive", "set-cookie", "proxy-authenticate", "connection"} & set(names)
+        assert names.count("x-request-id") == 1 and response.headers["x-request-id"] != "upstream"
     finally:
         await client.aclose()
         server.close()
