@@ -246,9 +246,10 @@ def test_log_lines_are_json_without_tokens(proxy: Proxy, cp: ControlPlane) -> No
 def test_stopped_control_plane_gives_502_quickly(workdir: Path, tmp_path: Path) -> None:
     cp = ControlPlane(tmp_path)  # never started: nothing listens on its port
     proxy = Proxy(tmp_path, f"http://127.0.0.1:{free_port()}").start()
+    token = cp.mint("vm-orphan")
     with running(proxy):
         address = next_address()
-        proxy.add_vm("orphan", address, cp.mint("vm-orphan"))
+        proxy.add_vm("orphan", address, token)
         started = time.monotonic()
         with proxy.guest(address) as guest:
             response = guest.get("/runtime/whoami", headers=META)
@@ -256,6 +257,9 @@ def test_stopped_control_plane_gives_502_quickly(workdir: Path, tmp_path: Path) 
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_unavailable"
     assert elapsed < 3  # the retry budget is 0.5 s
+    # The failure is logged (the access line and a warning naming the VM), never with its token.
+    assert "upstream_unavailable for orphan" in proxy.log.read_text()
+    assert token not in response.text and token not in proxy.log.read_text()
 
 
 def test_admin_endpoint_not_on_guest_address(proxy: Proxy, cp: ControlPlane) -> None:

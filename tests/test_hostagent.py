@@ -189,6 +189,21 @@ def test_token_comes_from_a_file_or_stdin_never_argv(process: Agent, tmp_path: P
     one_line_failure(unreadable, "token file", "nope")
 
 
+def test_a_token_pasted_into_another_field_is_not_echoed(agent: Agent) -> None:
+    """A name or an address that is a token (pasted into the wrong place) fails in one line
+    that names the field, with the token redacted: stderr ends up in logs."""
+    tok = token("pasted")
+    agent.tokens.append(tok)  # the Agent fails the test if it shows anywhere
+    before = dump(agent.registry)
+    for args, needle in (
+        (("vm", "add", tok, "--address", "10.0.0.9", "--token-file", "-"), "VM name"),
+        (("vm", "add", "ok", "--address", tok, "--token-file", "-"), "address"),
+        (("vm", "show", tok), "is not registered"),
+    ):
+        one_line_failure(agent(*args, stdin=token("other")), needle, "<token redacted>")
+    assert dump(agent.registry) == before
+
+
 @pytest.mark.parametrize(
     "args",
     [

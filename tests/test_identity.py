@@ -172,6 +172,7 @@ async def test_identity_token_claims_and_headers(client: httpx.AsyncClient, keys
     claims = verified(token, keys, "https://vault.example")
     assert set(claims) == {"iss", "sub", "aud", "iat", "exp", "jti", "nonce", "scope"}
     assert (claims["sub"], claims["nonce"], claims["scope"]) == ("vm-2", "n-1", "team-a")
+    assert claims["aud"] == "https://vault.example"  # the one audience asked for, not a list naming others
     assert claims["exp"] - claims["iat"] == 120 and abs(claims["iat"] - time.time()) < 5
     assert "host" not in claims  # the header alone proves nothing: no client certificate here
     again = verified((await client.get("/runtime/identity", params={"audience": "a"}, headers=headers)).text, keys, "a")
