@@ -183,6 +183,7 @@ def test_session_tokens_bound_to_vm_and_expiry() -> None:
     assert sessions.valid(token, "vm-a", "id-a")
     assert not sessions.valid(token, "vm-b", "id-b")
     assert not sessions.valid(token, "vm-a", "id-other")
+    assert not sessions.valid(token, "vm-other", "id-a")  # the same id under another name: another VM
     assert not sessions.valid(token[:-2] + b"xx", "vm-a", "id-a")
     version, expiry, nonce, mac = token.split(b".")
     assert not sessions.valid(b".".join([version, b"99999999", nonce, mac]), "vm-a", "id-a")
@@ -208,6 +209,12 @@ def test_limiter_bucket_and_concurrency() -> None:
     now[0] += 0.5
     assert limiter.acquire("a") is None
     limiter.release("a")
+    assert limiter.acquire("a") == 1  # 0.5 s at 2 per second was one token, no more
+    now[0] += 100  # refilled for far longer than the burst takes: the bucket holds the burst, no more
+    for _ in range(3):
+        assert limiter.acquire("a") is None
+        limiter.release("a")
+    assert limiter.acquire("a") == 1
     now[0] += 10_000  # quiet VMs are evicted
     limiter.acquire("c")
     assert len(limiter) == 1
