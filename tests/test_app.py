@@ -832,6 +832,34 @@ async def test_the_answers_hop_by_hop_fields_and_cookies_stay_with_the_proxy(reg
         await server.wait_closed()
 
 
+async def test_an_invalid_answer_from_the_control_plane_is_502_upstream_unavailable(registry: Path) -> None:
+    """Not HTTP at all: the guest gets the JSON error of the failure table (502, not a timeout's 504)."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = parse_config(
+        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
+         "control_plane": {"url": f"http://127.0.0.1:{port}", "retry_budget": 0}}
+    )  # fmt: skip
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    try:
+        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as vm:
+            response = await vm.get("/runtime/x", headers=META)
+        assert (response.status_code, code(response)) == (502, "upstream_unavailable"), response.text
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
     cp: ControlPlane, registry: Path, tmp_path: Path
 ) -> None:
