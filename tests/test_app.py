@@ -154,6 +154,7 @@ async def refused(
     response = await call()
     assert (response.status_code, code(response)) == (status, error), response.text
     assert response.headers["x-request-id"]
+    assert "eyJ" not in response.text  # no runtime token (a JWT) in any error body
     assert seen(cp) == before
     return response
 

@@ -330,6 +330,7 @@ def test_expired_token_is_503_without_calling_the_control_plane(proxy: Proxy, cp
     for response in (expired, expired_cached):
         assert response.status_code == 503
         assert error_code(response) == "token_expired"
+        assert token not in response.text  # the refusal names the problem, never the token
     assert after == before
     assert renewed.status_code == 200
     assert renewed.json()["token_fingerprint"] == fingerprint(renewed_token)
