@@ -364,6 +364,19 @@ async def test_hop_by_hop_headers_stay_on_the_guests_hop(app: ProxyApp) -> None:
     assert not names & {"te", "keep-alive", "proxy-connection", "trailer", "connection", "x-hop"}, names
 
 
+async def test_expect_and_the_session_headers_stay_with_the_proxy(app: ProxyApp) -> None:
+    """`Expect: 100-continue` was the guest's to ask of the proxy, which has read the body before
+    it calls (an interim 100 from the control plane would serve nobody); the session TTL header
+    is for the proxy's own token endpoint."""
+    headers = {**META, "Expect": "100-continue", "X-Metadata-Token-TTL-Seconds": "60"}
+    async with guest(app, A) as vm:
+        response = await vm.post("/runtime/echo", content=b"body", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["body_length"] == 4
+    names = {name.lower() for name, _ in response.json()["headers"]}
+    assert not {"expect", "x-metadata-token-ttl-seconds"} & names, names
+
+
 async def test_proxy_prefixed_headers_never_reach_the_control_plane(app: ProxyApp) -> None:
     """`Proxy-*` is a proxy's to set: Proxy-Client-IP (WebLogic, and Java stacks reading it as
     the client's address), Proxy-Authorization and any other a framework may trust."""
