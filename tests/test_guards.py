@@ -220,6 +220,23 @@ def test_limiter_bucket_and_concurrency() -> None:
     assert len(limiter) == 1
 
 
+def test_a_request_held_past_the_idle_period_still_counts_against_max_concurrent() -> None:
+    """A long-poll route's request may be held longer than the limiter's idle period (300 s:
+    examples/config.toml's long-poll route has timeout = 310, and a route's timeout has no
+    upper bound): while it is held the VM is not quiet, and its slot stays taken, both when
+    the VM's next request comes after the period and after a sweep ran for another VM."""
+    now = [0.0]
+    limiter = Limiter(Limits(requests_per_second=1, burst=3, max_concurrent=1), clock=lambda: now[0])
+    assert limiter.acquire("a") is None  # held, not released
+    now[0] += 301
+    assert limiter.acquire("a") == 1  # still one in flight: the cap
+    assert limiter.acquire("b") is None  # another VM: the sweep runs
+    now[0] += 1
+    assert limiter.acquire("a") == 1  # swept or not, still one in flight
+    limiter.release("a")
+    assert limiter.acquire("a") is None  # released: its slot is free again
+
+
 def test_limiter_reconfigure_applies_to_the_next_request_and_keeps_each_vms_state() -> None:
     now = [0.0]
     limiter = Limiter(Limits(requests_per_second=1, burst=3, max_concurrent=1), clock=lambda: now[0])
