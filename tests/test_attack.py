@@ -159,6 +159,16 @@ def test_client_address_headers_never_reach_the_control_plane(fleet: Fleet) -> N
     assert [value for name, value in sent if name == "x-forwarded-for"] == [vm.address]
 
 
+def test_weblogic_client_address_header_never_reaches_the_control_plane(fleet: Fleet) -> None:
+    """WL-Proxy-Client-IP is the client-address header of WebLogic's proxy plug-in, read as the
+    client's address by Java stacks behind it (and by the widespread `getIpAddr()` idiom, after
+    X-Forwarded-For and Proxy-Client-IP): like the headers above, the guest must not set it."""
+    vm = fleet.vms[2]
+    answer = exchange(fleet, vm.address, request(fleet, "/runtime/echo/x", [("WL-Proxy-Client-IP", "10.9.9.9")]))
+    assert answer.status == 200, answer
+    assert [name for name, value in answer.json()["headers"] if value == "10.9.9.9"] == []
+
+
 # -- bytes read for a request's body: bounded however it is framed ---------------------------
 
 # What a guest may send of each flood below; the proxy must have stopped reading long before.
