@@ -57,6 +57,7 @@ _CLIENT_ADDRESS = frozenset(
         b"x-remote-addr",
         b"x-forwarded",
         b"forwarded-for",
+        b"wl-proxy-client-ip",  # WebLogic's; Proxy-Client-IP goes with every Proxy-*
     }
 )
 _REQUEST_DROP = (

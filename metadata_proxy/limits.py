@@ -1,9 +1,12 @@
 """Per-VM rate and concurrency limits: a token bucket and an in-flight cap.
 
 State lives in a plain dict keyed by VM name, swept every _IDLE_SECONDS of the VMs quiet for
-that long, so a host with thousands of VMs that went quiet holds no state for them: what is
-tracked is at most the registered VMs (nothing else reaches the limiter) that sent a request
-in the last two idle periods. An evicted VM simply starts again with a full bucket. A dict
+that long with nothing in flight, so a host with thousands of VMs that went quiet holds no
+state for them: what is tracked is at most the registered VMs (nothing else reaches the
+limiter) that sent a request in the last two idle periods or still have one in flight (a
+long-poll may be held for longer than a period, and must keep counting against its VM's
+`max_concurrent`). An evicted VM simply starts again with a full bucket, which is what a
+bucket quiet that long holds anyway. A dict
 rather than cachetools' TTLCache, whose expiry bookkeeping on every get and set (a linked
 list, the clock) cost several µs a request (bench/).
 """
@@ -48,7 +51,7 @@ class Limiter:
         if now >= self._next_sweep:
             self._sweep(now)
         bucket = self._buckets.get(vm)
-        if bucket is None or now - bucket.stamp > _IDLE_SECONDS:  # quiet, not yet swept: as if evicted
+        if bucket is None:
             bucket = self._buckets[vm] = _Bucket(float(limits.burst), now)
         else:
             bucket.tokens = min(float(limits.burst), bucket.tokens + (now - bucket.stamp) * limits.requests_per_second)
@@ -67,10 +70,11 @@ class Limiter:
             bucket.in_flight -= 1
 
     def _sweep(self, now: float) -> None:
-        """Forget the VMs whose last request is more than _IDLE_SECONDS old."""
+        """Forget the VMs whose last request is more than _IDLE_SECONDS old and that have
+        nothing in flight."""
         self._next_sweep = now + _IDLE_SECONDS
         quiet = now - _IDLE_SECONDS
-        self._buckets = {vm: bucket for vm, bucket in self._buckets.items() if bucket.stamp > quiet}
+        self._buckets = {vm: b for vm, b in self._buckets.items() if b.stamp > quiet or b.in_flight}
 
     def __len__(self) -> int:
         return len(self._buckets)

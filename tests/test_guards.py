@@ -206,6 +206,7 @@ def test_limiter_bucket_and_concurrency() -> None:
     limiter.release("a")
     assert limiter.acquire("a") == 1  # bucket empty: 1 token needs 0.5 s, rounded up
     assert limiter.acquire("b") is None  # another VM is untouched
+    limiter.release("b")
     now[0] += 0.5
     assert limiter.acquire("a") is None
     limiter.release("a")
@@ -215,7 +216,7 @@ def test_limiter_bucket_and_concurrency() -> None:
         assert limiter.acquire("a") is None
         limiter.release("a")
     assert limiter.acquire("a") == 1
-    now[0] += 10_000  # quiet VMs are evicted
+    now[0] += 10_000  # quiet VMs with nothing in flight are evicted
     limiter.acquire("c")
     assert len(limiter) == 1
 
