@@ -169,6 +169,36 @@ def test_weblogic_client_address_header_never_reaches_the_control_plane(fleet: F
     assert [name for name, value in answer.json()["headers"] if value == "10.9.9.9"] == []
 
 
+# The client-address headers of CDNs, load balancers and WAFs that the list above misses, each
+# documented by its vendor as the client's address and read as such by the stacks behind it
+# (npm's request-ip reads DO-Connecting-IP, X-AppEngine-User-IP and CF-Pseudo-IPv4; Azure
+# Front Door's X-Azure-ClientIP/SocketIP; Envoy's X-Envoy-External-Address; Imperva's
+# Incap-Client-IP; Google's X-ProxyUser-IP): like WL-Proxy-Client-IP, the guest must not set them.
+MORE_CLIENT_ADDRESS_HEADERS = [
+    "CF-Connecting-IPv6",
+    "CF-Pseudo-IPv4",
+    "DO-Connecting-IP",
+    "X-AppEngine-User-IP",
+    "X-Azure-ClientIP",
+    "X-Azure-SocketIP",
+    "X-Envoy-External-Address",
+    "Incap-Client-IP",
+    "X-ProxyUser-IP",
+]
+
+
+@pytest.mark.parametrize("name", MORE_CLIENT_ADDRESS_HEADERS)
+def test_vendor_client_address_headers_never_reach_the_control_plane(fleet: Fleet, name: str) -> None:
+    """Each header above, from the guest, with a public address: the control plane sees only
+    the proxy's X-Forwarded-For (the VM's address), never the guest's choice."""
+    vm = fleet.vms[2]
+    answer = exchange(fleet, vm.address, request(fleet, "/runtime/echo/x", [(name, "203.0.113.9")]))
+    assert answer.status == 200, answer
+    sent = answer.json()["headers"]
+    assert [header for header, value in sent if "203.0.113.9" in value] == []
+    assert [value for header, value in sent if header == "x-forwarded-for"] == [vm.address]
+
+
 # -- bytes read for a request's body: bounded however it is framed ---------------------------
 
 # What a guest may send of each flood below; the proxy must have stopped reading long before.
