@@ -47,6 +47,7 @@ from tests.test_hostile import (
     request,
     serves,
 )
+from tests.test_slow_greedy import rss
 
 ROUTES = """
 [limits]
@@ -519,6 +520,48 @@ async def test_a_flight_is_not_shared_with_a_new_vm_given_the_old_ones_name(cp: 
         assert json.loads(new.body)["vm_id"] == "vm-new"
     finally:
         await client.aclose()
+
+
+# -- memory: what a guest's own paths leave behind ---------------------------------------------
+
+# A path as long as a request head allows (protocol.MAX_HEAD_BYTES, less the rest of the head).
+LONG_PATH_BYTES = 60_000
+# How much the proxy's RSS may grow while one VM sends MARKED_PATHS such paths, one at a time,
+# each answered 404 by the control plane. Today: about 240 MiB (every path kept whole).
+MARKS_RSS_BOUND = 32 * 1024 * 1024
+MARKED_PATHS = 4096
+
+
+def test_uncacheable_marks_do_not_keep_a_guests_long_paths(cp: ControlPlane, tmp_path: Path) -> None:
+    """A GET answered uncacheably (any 404) marks its (VM, path) so that identical GETs do not
+    wait for each other (cache.Flights.answered): up to MAX_UNCACHEABLE (4096) marks, each
+    holding the whole path, which the guest chooses up to ~64 KiB long, and kept until the
+    count is reached, however old. One VM sending 4096 distinct 60 KB paths at the default
+    rate (50/s: under 90 s) makes the proxy hold ~240 MiB, and it stays after the guest stops."""
+    limits = "[limits]\nrequests_per_second = 100000\nburst = 100000\n"
+    proxy = Proxy(tmp_path, cp.url, limits, 'host_aliases = ["metadata.internal"]').start()
+    with running(proxy):
+        fleet = Fleet(proxy, cp, ["marks"], 200)
+        vm = fleet.vms[0]
+        pid = proxy.process.pid if proxy.process else 0
+        serves(fleet, vm)
+        before = rss(pid)
+        statuses: set[int] = set()
+        conn = Conn(fleet, vm.address, timeout=30)
+        try:
+            for i in range(MARKED_PATHS):
+                target = b"/runtime/marks/%05d/" % i + b"a" * LONG_PATH_BYTES
+                answer = conn.send(request(fleet, target)).answer()
+                statuses.add(answer.status)
+                if answer.header("connection") == "close":
+                    conn.close()
+                    conn = Conn(fleet, vm.address, timeout=30)
+        finally:
+            conn.close()
+        after = rss(pid)
+        assert statuses == {404}
+        assert after - before < MARKS_RSS_BOUND, f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
+        serves(fleet, vm)
 
 
 # -- deadlines: a closing connection's timer ------------------------------------------------
