@@ -593,6 +593,52 @@ def test_the_cache_byte_bound_counts_the_guests_targets(cp: ControlPlane, tmp_pa
         assert after - before < CACHE_RSS_BOUND, f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
 
 
+# -- limits: a new VM given an old one's name -------------------------------------------------
+
+NAME_REUSE_LIMITS = """
+[limits]
+requests_per_second = 500
+burst = 1000
+max_concurrent = 2
+
+[[routes]]
+prefix = "/runtime/"
+
+[[routes]]
+prefix = "/runtime/slow/"
+timeout = 20
+"""
+
+
+def test_a_new_vm_given_a_destroyed_ones_name_does_not_inherit_its_requests_in_flight(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
+    """VM `web` (vm-old) holds `max_concurrent` long-polls; the host destroys it and creates a
+    new VM (vm-new, another address) under the same name. The destroyed VM's held requests
+    run on to their answers (README "A VM's life"), and the limiter, keyed by the name alone,
+    counted them against the new VM: its every request was 429 for as long as they were held
+    (up to the route's timeout, minutes for a real long-poll), a lockout the old guest chose.
+    Identity elsewhere is the name and the id (connections, coalesced calls)."""
+    proxy = Proxy(tmp_path, cp.url, NAME_REUSE_LIMITS, 'host_aliases = ["metadata.internal"]').start()
+    old, new = "127.0.0.221", "127.0.0.222"
+    with running(proxy):
+        fleet = Fleet(proxy, cp, [], 0)
+        _sync(cp, proxy.registry, {"web": (old, "vm-old")})
+        held = [Conn(fleet, old, timeout=30).send(request(fleet, "/runtime/slow/held?seconds=10")) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 5
+            while in_flight(proxy) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert in_flight(proxy) == 2
+            _sync(cp, proxy.registry, {"web": (new, "vm-new")})
+            answer = exchange(fleet, new, request(fleet))
+            assert (answer.status, answer.code) == (200, None), answer
+            assert answer.json()["vm_id"] == "vm-new"
+        finally:
+            for conn in held:
+                conn.close()
+
+
 # -- deadlines: a closing connection's timer ------------------------------------------------
 
 
