@@ -47,6 +47,7 @@ from tests.test_hostile import (
     request,
     serves,
 )
+from tests.test_slow_greedy import rss
 
 ROUTES = """
 [limits]
@@ -167,6 +168,36 @@ def test_weblogic_client_address_header_never_reaches_the_control_plane(fleet: F
     answer = exchange(fleet, vm.address, request(fleet, "/runtime/echo/x", [("WL-Proxy-Client-IP", "10.9.9.9")]))
     assert answer.status == 200, answer
     assert [name for name, value in answer.json()["headers"] if value == "10.9.9.9"] == []
+
+
+# The client-address headers of CDNs, load balancers and WAFs that the list above misses, each
+# documented by its vendor as the client's address and read as such by the stacks behind it
+# (npm's request-ip reads DO-Connecting-IP, X-AppEngine-User-IP and CF-Pseudo-IPv4; Azure
+# Front Door's X-Azure-ClientIP/SocketIP; Envoy's X-Envoy-External-Address; Imperva's
+# Incap-Client-IP; Google's X-ProxyUser-IP): like WL-Proxy-Client-IP, the guest must not set them.
+MORE_CLIENT_ADDRESS_HEADERS = [
+    "CF-Connecting-IPv6",
+    "CF-Pseudo-IPv4",
+    "DO-Connecting-IP",
+    "X-AppEngine-User-IP",
+    "X-Azure-ClientIP",
+    "X-Azure-SocketIP",
+    "X-Envoy-External-Address",
+    "Incap-Client-IP",
+    "X-ProxyUser-IP",
+]
+
+
+@pytest.mark.parametrize("name", MORE_CLIENT_ADDRESS_HEADERS)
+def test_vendor_client_address_headers_never_reach_the_control_plane(fleet: Fleet, name: str) -> None:
+    """Each header above, from the guest, with a public address: the control plane sees only
+    the proxy's X-Forwarded-For (the VM's address), never the guest's choice."""
+    vm = fleet.vms[2]
+    answer = exchange(fleet, vm.address, request(fleet, "/runtime/echo/x", [(name, "203.0.113.9")]))
+    assert answer.status == 200, answer
+    sent = answer.json()["headers"]
+    assert [header for header, value in sent if "203.0.113.9" in value] == []
+    assert [value for header, value in sent if header == "x-forwarded-for"] == [vm.address]
 
 
 # -- bytes read for a request's body: bounded however it is framed ---------------------------
@@ -489,6 +520,123 @@ async def test_a_flight_is_not_shared_with_a_new_vm_given_the_old_ones_name(cp: 
         assert json.loads(new.body)["vm_id"] == "vm-new"
     finally:
         await client.aclose()
+
+
+# -- memory: what a guest's own paths leave behind ---------------------------------------------
+
+# A path as long as a request head allows (protocol.MAX_HEAD_BYTES, less the rest of the head).
+LONG_PATH_BYTES = 60_000
+# How much the proxy's RSS may grow while one VM sends MARKED_PATHS such paths, one at a time,
+# each answered 404 by the control plane. Today: about 240 MiB (every path kept whole).
+MARKS_RSS_BOUND = 32 * 1024 * 1024
+MARKED_PATHS = 4096
+
+
+def test_uncacheable_marks_do_not_keep_a_guests_long_paths(cp: ControlPlane, tmp_path: Path) -> None:
+    """A GET answered uncacheably (any 404) marks its (VM, path) so that identical GETs do not
+    wait for each other (cache.Flights.answered): up to MAX_UNCACHEABLE (4096) marks, each
+    holding the whole path, which the guest chooses up to ~64 KiB long, and kept until the
+    count is reached, however old. One VM sending 4096 distinct 60 KB paths at the default
+    rate (50/s: under 90 s) makes the proxy hold ~240 MiB, and it stays after the guest stops."""
+    limits = "[limits]\nrequests_per_second = 100000\nburst = 100000\n"
+    proxy = Proxy(tmp_path, cp.url, limits, 'host_aliases = ["metadata.internal"]').start()
+    with running(proxy):
+        fleet = Fleet(proxy, cp, ["marks"], 200)
+        vm = fleet.vms[0]
+        pid = proxy.process.pid if proxy.process else 0
+        serves(fleet, vm)
+        before = rss(pid)
+        statuses: set[int] = set()
+        conn = Conn(fleet, vm.address, timeout=30)
+        try:
+            for i in range(MARKED_PATHS):
+                target = b"/runtime/marks/%05d/" % i + b"a" * LONG_PATH_BYTES
+                answer = conn.send(request(fleet, target)).answer()
+                statuses.add(answer.status)
+                if answer.header("connection") == "close":
+                    conn.close()
+                    conn = Conn(fleet, vm.address, timeout=30)
+        finally:
+            conn.close()
+        after = rss(pid)
+        assert statuses == {404}
+        assert after - before < MARKS_RSS_BOUND, f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
+        serves(fleet, vm)
+
+
+# The response cache's byte bound here, and how far past it the proxy's RSS may grow. Today:
+# about 90 MiB for 1 MiB (the targets, keys of the cache, are not counted).
+CACHE_MAX_BYTES = 1024 * 1024
+CACHE_RSS_BOUND = 16 * 1024 * 1024
+
+
+def test_the_cache_byte_bound_counts_the_guests_targets(cp: ControlPlane, tmp_path: Path) -> None:
+    """`[cache] max_bytes` bounds what the cache holds: an entry counts its body, headers and a
+    fixed overhead, but not its target (the key, kept twice: the entry's and the VM's list),
+    which the guest chooses up to ~64 KiB long with a query the control plane ignores. Six VMs
+    store 256 cacheable answers each (the per-VM count) under 60 KB targets: the cache counts
+    about 1 MiB and holds ~90 MiB."""
+    limits = f"[limits]\nrequests_per_second = 100000\nburst = 100000\n[cache]\nmax_bytes = {CACHE_MAX_BYTES}\n"
+    proxy = Proxy(tmp_path, cp.url, limits, 'host_aliases = ["metadata.internal"]').start()
+    with running(proxy):
+        fleet = Fleet(proxy, cp, [f"c{i}" for i in range(6)], 210)
+        pid = proxy.process.pid if proxy.process else 0
+        serves(fleet, fleet.vms[0])
+        before = rss(pid)
+        for vm in fleet.vms:
+            with Conn(fleet, vm.address, timeout=30) as conn:
+                for i in range(256):
+                    target = b"/runtime/cached?max_age=600&i=%d&x=" % i + b"a" * LONG_PATH_BYTES
+                    answer = conn.send(request(fleet, target)).answer()
+                    assert answer.status == 200, answer
+        after = rss(pid)
+        assert after - before < CACHE_RSS_BOUND, f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
+
+
+# -- limits: a new VM given an old one's name -------------------------------------------------
+
+NAME_REUSE_LIMITS = """
+[limits]
+requests_per_second = 500
+burst = 1000
+max_concurrent = 2
+
+[[routes]]
+prefix = "/runtime/"
+
+[[routes]]
+prefix = "/runtime/slow/"
+timeout = 20
+"""
+
+
+def test_a_new_vm_given_a_destroyed_ones_name_does_not_inherit_its_requests_in_flight(
+    cp: ControlPlane, tmp_path: Path
+) -> None:
+    """VM `web` (vm-old) holds `max_concurrent` long-polls; the host destroys it and creates a
+    new VM (vm-new, another address) under the same name. The destroyed VM's held requests
+    run on to their answers (README "A VM's life"), and the limiter, keyed by the name alone,
+    counted them against the new VM: its every request was 429 for as long as they were held
+    (up to the route's timeout, minutes for a real long-poll), a lockout the old guest chose.
+    Identity elsewhere is the name and the id (connections, coalesced calls)."""
+    proxy = Proxy(tmp_path, cp.url, NAME_REUSE_LIMITS, 'host_aliases = ["metadata.internal"]').start()
+    old, new = "127.0.0.221", "127.0.0.222"
+    with running(proxy):
+        fleet = Fleet(proxy, cp, [], 0)
+        _sync(cp, proxy.registry, {"web": (old, "vm-old")})
+        held = [Conn(fleet, old, timeout=30).send(request(fleet, "/runtime/slow/held?seconds=10")) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 5
+            while in_flight(proxy) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert in_flight(proxy) == 2
+            _sync(cp, proxy.registry, {"web": (new, "vm-new")})
+            answer = exchange(fleet, new, request(fleet))
+            assert (answer.status, answer.code) == (200, None), answer
+            assert answer.json()["vm_id"] == "vm-new"
+        finally:
+            for conn in held:
+                conn.close()
 
 
 # -- deadlines: a closing connection's timer ------------------------------------------------
