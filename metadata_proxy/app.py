@@ -235,7 +235,10 @@ class ProxyApp:
             return await ex.refuse(refusal)
 
         # 6. Per-VM rate and concurrency limits.
-        retry_after = self.limiter.acquire(vm.name)
+        # Keyed by name and id, as a connection's owner is: a VM given a destroyed VM's name
+        # (whose held requests run on to their answers) starts with a bucket of its own.
+        identity = (vm.name, vm.vm_id)
+        retry_after = self.limiter.acquire(identity)
         if retry_after is not None:
             return await ex.refuse(guards.rate_limited(retry_after))
         try:
@@ -250,7 +253,7 @@ class ProxyApp:
             assert route is not None
             await self.forward(ex, route, raw_path, length)
         finally:
-            self.limiter.release(vm.name)
+            self.limiter.release(identity)
 
     # -- the registry ----------------------------------------------------------------------
 

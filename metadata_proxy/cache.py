@@ -39,10 +39,12 @@ class Entry:
     stored: float
     max_age: int
     stale_if_error: float = 0.0  # seconds past max_age it may still be served when a call fails
+    key_size: int = 0  # the bytes of its target, the key: the guest chooses it, up to a whole head
 
     @property
     def size(self) -> int:
-        return _ENTRY_OVERHEAD + len(self.body) + sum(len(name) + len(value) for name, value in self.headers)
+        headers = sum(len(name) + len(value) for name, value in self.headers)
+        return _ENTRY_OVERHEAD + self.key_size + len(self.body) + headers
 
 
 def cacheable_max_age(status: int, headers: Sequence[tuple[bytes, bytes]]) -> int | None:
@@ -145,7 +147,7 @@ class ResponseCache:
         stale_if_error: float = 0.0,
     ) -> Entry | None:
         """Store an answer; the entry, or None when it cannot be stored (too large, cache off)."""
-        entry = Entry(status, tuple(headers), body, self._clock(), max_age, stale_if_error)
+        entry = Entry(status, tuple(headers), body, self._clock(), max_age, stale_if_error, len(target))
         if not self.enabled or entry.size > self._entries.maxsize:
             return None
         self._entries[(vm, target)] = entry  # may evict entries (any VM's) for space
@@ -210,11 +212,14 @@ class Flights:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._flying: dict[Key, Flight] = {}
-        self._uncacheable: dict[tuple[str, bytes], float] = {}  # (VM, path) -> when it last answered so
+        # (VM, hash of the path) -> when it last answered so. The path's hash, not the path: the
+        # guest chooses paths up to a whole head long, and MAX_UNCACHEABLE of those would hold
+        # megabytes; two paths sharing a (salted) hash only lose or gain a wait.
+        self._uncacheable: dict[tuple[str, int], float] = {}
 
     def coalesces(self, vm: str, path: bytes) -> bool:
         """False when `path` answered `vm` uncacheably lately: nobody should wait for such a call."""
-        marked = self._uncacheable.get((vm, path)) if self._uncacheable else None
+        marked = self._uncacheable.get((vm, hash(path))) if self._uncacheable else None
         return marked is None or self._clock() - marked >= UNCACHEABLE_SECONDS
 
     def in_flight(self, key: Key) -> Flight | None:
@@ -235,17 +240,18 @@ class Flights:
     def answered(self, vm: str, path: bytes, cacheable: bool) -> None:
         """Remember whether `path` answers `vm` cacheably (only the uncacheable are kept)."""
         marks = self._uncacheable
+        mark = (vm, hash(path))
         if cacheable:
             if marks:
-                marks.pop((vm, path), None)
+                marks.pop(mark, None)
             return
         now = self._clock()
-        if len(marks) >= MAX_UNCACHEABLE and (vm, path) not in marks:
+        if len(marks) >= MAX_UNCACHEABLE and mark not in marks:
             for key in [key for key, when in marks.items() if now - when >= UNCACHEABLE_SECONDS]:
                 del marks[key]
             if len(marks) >= MAX_UNCACHEABLE:
                 marks.clear()
-        marks[(vm, path)] = now
+        marks[mark] = now
 
     def __len__(self) -> int:
         return len(self._flying)

@@ -58,6 +58,15 @@ _CLIENT_ADDRESS = frozenset(
         b"x-forwarded",
         b"forwarded-for",
         b"wl-proxy-client-ip",  # WebLogic's; Proxy-Client-IP goes with every Proxy-*
+        b"cf-connecting-ipv6",
+        b"cf-pseudo-ipv4",
+        b"do-connecting-ip",
+        b"x-appengine-user-ip",
+        b"x-azure-clientip",
+        b"x-azure-socketip",
+        b"x-envoy-external-address",
+        b"incap-client-ip",
+        b"x-proxyuser-ip",
     }
 )
 _REQUEST_DROP = (

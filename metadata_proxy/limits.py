@@ -1,21 +1,21 @@
 """Per-VM rate and concurrency limits: a token bucket and an in-flight cap.
 
-State lives in a plain dict keyed by VM name, swept every _IDLE_SECONDS of the VMs quiet for
-that long with nothing in flight, so a host with thousands of VMs that went quiet holds no
-state for them: what is tracked is at most the registered VMs (nothing else reaches the
-limiter) that sent a request in the last two idle periods or still have one in flight (a
-long-poll may be held for longer than a period, and must keep counting against its VM's
-`max_concurrent`). An evicted VM simply starts again with a full bucket, which is what a
-bucket quiet that long holds anyway. A dict
-rather than cachetools' TTLCache, whose expiry bookkeeping on every get and set (a linked
-list, the clock) cost several µs a request (bench/).
+State lives in a plain dict keyed by the VM's identity (the app's: name and id), swept
+every _IDLE_SECONDS of the VMs quiet for that long with nothing in flight, so a host with
+thousands of VMs that went quiet holds no state for them: what is tracked is at most the
+registered VMs (nothing else reaches the limiter) that sent a request in the last two idle
+periods or still have one in flight (a long-poll may be held for longer than a period, and
+must keep counting against its VM's `max_concurrent`). An evicted VM simply starts again
+with a full bucket, which is what a bucket quiet that long holds anyway. A dict rather than
+cachetools' TTLCache, whose expiry bookkeeping on every get and set (a linked list, the
+clock) cost several µs a request (bench/).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from .config import Limits
 
@@ -35,7 +35,7 @@ class Limiter:
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[Hashable, _Bucket] = {}
         self._next_sweep = clock() + _IDLE_SECONDS
 
     def reconfigure(self, limits: Limits) -> None:
@@ -43,7 +43,7 @@ class Limiter:
         in-flight count carry over."""
         self.limits = limits
 
-    def acquire(self, vm: str) -> int | None:
+    def acquire(self, vm: Hashable) -> int | None:
         """Admit one request from `vm`: None when admitted (call release() after),
         else the seconds the guest should wait (for Retry-After)."""
         limits = self.limits
@@ -64,7 +64,7 @@ class Limiter:
         bucket.in_flight += 1
         return None
 
-    def release(self, vm: str) -> None:
+    def release(self, vm: Hashable) -> None:
         bucket = self._buckets.get(vm)
         if bucket is not None and bucket.in_flight > 0:
             bucket.in_flight -= 1
