@@ -330,7 +330,7 @@ class ProxyApp:
         if hit is not None:
             return self.answer_from(ex, *hit, "hit")
         ex.cache = "miss"
-        if self.flights.coalesces(vm.name, raw_path):
+        if self.flights.coalesces((vm.name, vm.vm_id), raw_path):
             return self.coalesce(ex, route, raw_path, target)
         return self.fetch(ex, route, raw_path, target)
 
@@ -392,7 +392,7 @@ class ProxyApp:
                 return stale
         entry = await self.relay(ex, response, target)
         if response.status < 500:  # an outage must not turn coalescing off
-            self.flights.answered(vm.name, raw_path, entry is not None)
+            self.flights.answered((vm.name, vm.vm_id), raw_path, entry is not None)
         return None if entry is None else (entry, "shared")
 
     async def call(self, ex: Exchange, route: Route, target: bytes, length: int | None) -> upstream.Response | None:

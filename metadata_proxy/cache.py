@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -212,12 +212,14 @@ class Flights:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._flying: dict[Key, Flight] = {}
-        # (VM, hash of the path) -> when it last answered so. The path's hash, not the path: the
-        # guest chooses paths up to a whole head long, and MAX_UNCACHEABLE of those would hold
-        # megabytes; two paths sharing a (salted) hash only lose or gain a wait.
-        self._uncacheable: dict[tuple[str, int], float] = {}
+        # (VM, hash of the path) -> when it last answered so. The VM as the app names it (name
+        # and id: a VM given a destroyed VM's name inherits none of its marks). The path's
+        # hash, not the path: the guest chooses paths up to a whole head long, and
+        # MAX_UNCACHEABLE of those would hold megabytes; two paths sharing a (salted) hash only
+        # lose or gain a wait.
+        self._uncacheable: dict[tuple[Hashable, int], float] = {}
 
-    def coalesces(self, vm: str, path: bytes) -> bool:
+    def coalesces(self, vm: Hashable, path: bytes) -> bool:
         """False when `path` answered `vm` uncacheably lately: nobody should wait for such a call."""
         marked = self._uncacheable.get((vm, hash(path))) if self._uncacheable else None
         return marked is None or self._clock() - marked >= UNCACHEABLE_SECONDS
@@ -237,7 +239,7 @@ class Flights:
             del self._flying[key]
         flight.land(result)
 
-    def answered(self, vm: str, path: bytes, cacheable: bool) -> None:
+    def answered(self, vm: Hashable, path: bytes, cacheable: bool) -> None:
         """Remember whether `path` answers `vm` cacheably (only the uncacheable are kept)."""
         marks = self._uncacheable
         mark = (vm, hash(path))

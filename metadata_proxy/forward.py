@@ -67,6 +67,13 @@ _CLIENT_ADDRESS = frozenset(
         b"x-envoy-external-address",
         b"incap-client-ip",
         b"x-proxyuser-ip",
+        b"x-appengine-remote-addr",
+        b"fly-client-ip",
+        b"x-arr-clientip",
+        b"x-sucuri-clientip",
+        b"cloudfront-viewer-address",
+        b"x-vercel-forwarded-for",
+        b"x-nf-client-connection-ip",
     }
 )
 _REQUEST_DROP = (

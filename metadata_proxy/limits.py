@@ -5,8 +5,9 @@ every _IDLE_SECONDS of the VMs quiet for that long with nothing in flight, so a 
 thousands of VMs that went quiet holds no state for them: what is tracked is at most the
 registered VMs (nothing else reaches the limiter) that sent a request in the last two idle
 periods or still have one in flight (a long-poll may be held for longer than a period, and
-must keep counting against its VM's `max_concurrent`). An evicted VM simply starts again
-with a full bucket, which is what a bucket quiet that long holds anyway. A dict rather than
+must keep counting against its VM's `max_concurrent`; a VM removed or replaced meanwhile is
+tracked until its last request ends). A VM quiet that long starts again with a full bucket,
+evicted or not. A dict rather than
 cachetools' TTLCache, whose expiry bookkeeping on every get and set (a linked list, the
 clock) cost several µs a request (bench/).
 """
@@ -53,6 +54,8 @@ class Limiter:
         bucket = self._buckets.get(vm)
         if bucket is None:
             bucket = self._buckets[vm] = _Bucket(float(limits.burst), now)
+        elif now - bucket.stamp > _IDLE_SECONDS:  # quiet, kept for what it has in flight: as if evicted
+            bucket.tokens, bucket.stamp = float(limits.burst), now
         else:
             bucket.tokens = min(float(limits.burst), bucket.tokens + (now - bucket.stamp) * limits.requests_per_second)
             bucket.stamp = now  # the VM's last request: what the sweep judges quietness by

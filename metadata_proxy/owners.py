@@ -159,7 +159,7 @@ class Owners:
         now, names = self.registry.by_address(), self.registry.by_name()
         then = before if changed is None else {a: vm for vm in changed.values() for a in vm.addresses}
         for vm in {vm.name: vm for vm in then.values()}.values():
-            if (current := names.get(vm.name)) is None or current.token != vm.token:
+            if (current := names.get(vm.name)) is None or current.token != vm.token or current.vm_id != vm.vm_id:
                 self.forget_vm(vm.name)
         # Each address that went away or changed hands, with its holder now (None: nobody).
         gone = {

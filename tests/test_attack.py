@@ -185,6 +185,13 @@ MORE_CLIENT_ADDRESS_HEADERS = [
     "X-Envoy-External-Address",
     "Incap-Client-IP",
     "X-ProxyUser-IP",
+    "X-Appengine-Remote-Addr",  # gin's TrustedPlatform for Google App Engine
+    "Fly-Client-IP",  # gin's for Fly.io
+    "X-ARR-ClientIP",
+    "X-Sucuri-ClientIP",
+    "CloudFront-Viewer-Address",
+    "X-Vercel-Forwarded-For",
+    "X-NF-Client-Connection-IP",
 ]
 
 

@@ -180,3 +180,7 @@ def test_an_uncacheable_path_is_not_coalesced_for_a_while() -> None:
     flights.answered("a", b"/poll", cacheable=False)
     flights.answered("a", b"/poll", cacheable=True)  # cacheable again: coalesced again
     assert flights.coalesces("a", b"/poll")
+    # The app names a VM by name and id: a VM given a destroyed VM's name inherits no mark.
+    flights.answered(("vm-a", "id-old"), b"/poll", cacheable=False)
+    assert not flights.coalesces(("vm-a", "id-old"), b"/poll")
+    assert flights.coalesces(("vm-a", "id-new"), b"/poll")

@@ -238,6 +238,21 @@ def test_a_request_held_past_the_idle_period_still_counts_against_max_concurrent
     assert limiter.acquire("a") is None  # released: its slot is free again
 
 
+def test_a_quiet_vm_starts_again_with_a_full_bucket_swept_or_not() -> None:
+    """A bucket kept past the idle period for what it has in flight refills as an evicted one
+    would: to the burst (a slow refill, 0.1 a second, would have given 30 of 100)."""
+    now = [0.0]
+    limiter = Limiter(Limits(requests_per_second=0.1, burst=100, max_concurrent=200), clock=lambda: now[0])
+    for _ in range(100):
+        assert limiter.acquire("a") is None  # the bucket emptied, the last one held
+    for _ in range(99):
+        limiter.release("a")
+    now[0] += 301
+    for _ in range(100):
+        assert limiter.acquire("a") is None
+    assert limiter.acquire("a") is not None
+
+
 def test_limiter_reconfigure_applies_to_the_next_request_and_keeps_each_vms_state() -> None:
     now = [0.0]
     limiter = Limiter(Limits(requests_per_second=1, burst=3, max_concurrent=1), clock=lambda: now[0])
