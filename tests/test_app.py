@@ -777,6 +777,30 @@ async def test_a_guest_that_stops_reading_releases_the_upstream_connection(
         await server.wait_closed()
 
 
+@asynccontextmanager
+async def guest_of_raw_upstream(
+    registry: Path, handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], path: str = ""
+) -> AsyncIterator[httpx.AsyncClient]:
+    """VM A, as a guest of an app whose control plane is `handle` on a loopback socket
+    (`path` prefixes the control plane's URL): for answers no real server would give."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = parse_config(
+        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
+         "control_plane": {"url": f"http://127.0.0.1:{port}{path}", "retry_budget": 0}}
+    )  # fmt: skip
+    client = build_client(config.control_plane)
+    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
+    try:
+        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as guest:
+            yield guest
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: Path) -> None:
     """README "How a request flows": `METHOD /runtime/x?q` goes to `{control_plane.url}/runtime/x?q`."""
     seen: list[bytes] = []
@@ -788,24 +812,10 @@ async def test_a_path_in_the_control_plane_url_prefixes_every_target(registry: P
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(capture, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = parse_config(
-        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
-         "control_plane": {"url": f"http://127.0.0.1:{port}/api/v1/", "retry_budget": 0}}
-    )  # fmt: skip
-    client = build_client(config.control_plane)
-    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
-    try:
-        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as guest:
-            response = await guest.get("/runtime/x/y?q=1&q=%2F", headers=META)
-        assert response.status_code == 200
-        assert seen == [b"/api/v1/runtime/x/y?q=1&q=%2F"]
-    finally:
-        await client.aclose()
-        server.close()
-        await server.wait_closed()
+    async with guest_of_raw_upstream(registry, capture, "/api/v1/") as guest:
+        response = await guest.get("/runtime/x/y?q=1&q=%2F", headers=META)
+    assert response.status_code == 200
+    assert seen == [b"/api/v1/runtime/x/y?q=1&q=%2F"]
 
 
 async def test_the_answers_hop_by_hop_fields_and_cookies_stay_with_the_proxy(registry: Path) -> None:
@@ -824,26 +834,12 @@ async def test_the_answers_hop_by_hop_fields_and_cookies_stay_with_the_proxy(reg
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = parse_config(
-        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
-         "control_plane": {"url": f"http://127.0.0.1:{port}", "retry_budget": 0}}
-    )  # fmt: skip
-    client = build_client(config.control_plane)
-    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
-    try:
-        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as vm:
-            response = await vm.get("/runtime/x", headers=META)
-        assert (response.status_code, response.text, response.headers["x-kept"]) == (200, "{}", "yes")
-        names = [name.decode().lower() for name, _ in response.headers.raw]
-        assert not {"x-upstream-hop", "keep-alive", "set-cookie", "proxy-authenticate", "connection"} & set(names)
-        assert names.count("x-request-id") == 1 and response.headers["x-request-id"] != "upstream"
-    finally:
-        await client.aclose()
-        server.close()
-        await server.wait_closed()
+    async with guest_of_raw_upstream(registry, upstream) as vm:
+        response = await vm.get("/runtime/x", headers=META)
+    assert (response.status_code, response.text, response.headers["x-kept"]) == (200, "{}", "yes")
+    names = [name.decode().lower() for name, _ in response.headers.raw]
+    assert not {"x-upstream-hop", "keep-alive", "set-cookie", "proxy-authenticate", "connection"} & set(names)
+    assert names.count("x-request-id") == 1 and response.headers["x-request-id"] != "upstream"
 
 
 async def test_an_invalid_answer_from_the_control_plane_is_502_upstream_unavailable(registry: Path) -> None:
@@ -855,23 +851,9 @@ async def test_an_invalid_answer_from_the_control_plane_is_502_upstream_unavaila
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    config = parse_config(
-        {"host_id": "h", "listen": ["169.254.169.254:80"], "registry": str(registry),
-         "control_plane": {"url": f"http://127.0.0.1:{port}", "retry_budget": 0}}
-    )  # fmt: skip
-    client = build_client(config.control_plane)
-    app = ProxyApp(config, registry=Registry(config.registry), client=client, access_log=AccessLog(io.StringIO()))
-    try:
-        transport = httpx.ASGITransport(app=as_guest(app, A), client=(A, 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://169.254.169.254") as vm:
-            response = await vm.get("/runtime/x", headers=META)
-        assert (response.status_code, code(response)) == (502, "upstream_unavailable"), response.text
-    finally:
-        await client.aclose()
-        server.close()
-        await server.wait_closed()
+    async with guest_of_raw_upstream(registry, garbage) as vm:
+        response = await vm.get("/runtime/x", headers=META)
+    assert (response.status_code, code(response)) == (502, "upstream_unavailable"), response.text
 
 
 async def test_a_registry_named_by_a_reload_is_read_before_its_first_lookup(
