@@ -7,9 +7,8 @@ registered VMs (nothing else reaches the limiter) that sent a request in the las
 periods or still have one in flight (a long-poll may be held for longer than a period, and
 must keep counting against its VM's `max_concurrent`; a VM removed or replaced meanwhile is
 tracked until its last request ends). A VM quiet that long starts again with a full bucket,
-evicted or not. A dict rather than
-cachetools' TTLCache, whose expiry bookkeeping on every get and set (a linked list, the
-clock) cost several µs a request (bench/).
+evicted or not. A dict rather than cachetools' TTLCache, whose expiry bookkeeping on every
+get and set (a linked list, the clock) cost several µs a request (bench/).
 """
 
 from __future__ import annotations
